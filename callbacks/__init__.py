@@ -1,0 +1,5 @@
+"""Callbacks for parallel training (installed as ``lightning_par.callbacks``)."""
+
+from lightning_par.callbacks.throughput import TokensPerSecond
+
+__all__ = ["TokensPerSecond"]

@@ -1,0 +1,25 @@
+"""lightning-par: Megatron-class parallelism as PyTorch Lightning strategies.
+
+Importing the package registers the strategy names with Lightning, so ``Trainer(strategy="tp")`` works.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_par.layout import ParallelLayout
+from lightning_par.strategy import HybridParallelStrategy, TensorParallelStrategy
+
+__all__ = ["HybridParallelStrategy", "ParallelLayout", "TensorParallelStrategy"]
+__version__ = "0.1.0"
+
+_STRATEGIES = {
+    "tp": (TensorParallelStrategy, "Tensor parallel over all devices (tp = devices), Megatron style."),
+    "tp_sp": (
+        TensorParallelStrategy,
+        "Tensor parallel with sequence parallel over all devices.",
+        {"sequence_parallel": True},
+    ),
+}
+
+for _name, (_cls, _description, *_kw) in _STRATEGIES.items():
+    if _name not in StrategyRegistry:
+        StrategyRegistry.register(_name, _cls, description=_description, **(_kw[0] if _kw else {}))

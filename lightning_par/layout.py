@@ -1,0 +1,138 @@
+"""The parallel layout: how many ranks do what, checked once, and the one DeviceMesh built from it.
+
+Every other part of the package asks the layout for its process groups instead of keeping module-level
+"parallel state". Mesh dimensions run outermost to innermost as ``pp``, ``dp``, ``tp``: tensor parallel
+peers are adjacent ranks (inside one node on a GPU cluster), pipeline stages are the farthest apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIM_NAMES = ("pp", "dp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Sizes of each kind of parallelism. ``world_size = pp * dp * tp``."""
+
+    data_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("data_parallel_size", "tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= 1.")
+        if self.sequence_parallel and self.tensor_parallel_size == 1:
+            # Not an error in Megatron either, but worth knowing: with tp=1 there is nothing to shard.
+            object.__setattr__(self, "sequence_parallel", False)
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel_size * self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def dp(self) -> int:
+        return self.data_parallel_size
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_parallel_size
+
+    @classmethod
+    def from_world_size(
+        cls,
+        world_size: int,
+        tensor_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        pipeline_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+    ) -> ParallelLayout:
+        """Fill in whichever of dp / tp is ``None`` so that the product matches ``world_size``.
+
+        With both unset, every rank goes to tensor parallel (``strategy="tp"`` on N devices means tp=N).
+        """
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size={world_size!r} is not valid: it must be an integer >= 1.")
+        pp = pipeline_parallel_size
+        if pp < 1 or world_size % pp:
+            raise ValueError(
+                f"pipeline_parallel_size={pp} does not divide the number of processes ({world_size}); "
+                f"valid choices: {_divisors(world_size)}."
+            )
+        rest = world_size // pp
+        tp, dp = tensor_parallel_size, data_parallel_size
+        if tp is None and dp is None:
+            tp, dp = rest, 1
+        elif tp is None:
+            if dp < 1 or rest % dp:
+                raise ValueError(
+                    f"data_parallel_size={dp} does not divide the {rest} processes left after pipeline "
+                    f"parallel; valid choices: {_divisors(rest)}."
+                )
+            tp = rest // dp
+        elif dp is None:
+            if tp < 1 or rest % tp:
+                raise ValueError(
+                    f"tensor_parallel_size={tp} does not divide the number of processes ({world_size} "
+                    f"devices x nodes / pipeline_parallel_size {pp} = {rest}); valid choices: {_divisors(rest)}."
+                )
+            dp = rest // tp
+        if tp * dp * pp != world_size:
+            raise ValueError(
+                f"data_parallel_size={dp} x tensor_parallel_size={tp} x pipeline_parallel_size={pp} = "
+                f"{dp * tp * pp}, but {world_size} processes were started (devices x num_nodes); "
+                f"make the product equal the number of processes."
+            )
+        return cls(
+            data_parallel_size=dp,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            sequence_parallel=sequence_parallel,
+        )
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """One DeviceMesh over all ranks with named dimensions ``pp``, ``dp``, ``tp``."""
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(
+                f"The layout needs {self.world_size} processes (dp={self.dp} x tp={self.tp} x pp={self.pp}) "
+                f"but the process group has {dist.get_world_size()}."
+            )
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIM_NAMES)
+
+    def describe(self, backend: str | None = None) -> dict[str, Any]:
+        """The layout as a flat dict for loggers (W&B run config) and checkpoints."""
+        info = {
+            "dp": self.dp,
+            "tp": self.tp,
+            "pp": self.pp,
+            "sequence_parallel": self.sequence_parallel,
+            "world_size": self.world_size,
+        }
+        if backend is not None:
+            info["backend"] = backend
+        return info
+
+    def asdict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_backend(device_type: str) -> str:
+    """NCCL for CUDA, gloo otherwise: the only place the backend is chosen."""
+    return "nccl" if device_type == "cuda" and torch.distributed.is_nccl_available() else "gloo"

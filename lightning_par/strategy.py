@@ -1,0 +1,352 @@
+"""The Lightning strategy that owns the parallel layout of a run.
+
+Flow of one run (``Trainer(strategy="tp", devices=N)``):
+
+1. ``_configure_launcher`` (at ``Trainer(...)``): the layout is checked against ``devices x num_nodes``
+   before any process starts.
+2. ``setup_environment``: process group (NCCL on CUDA, gloo on CPU) and the ``(pp, dp, tp)`` DeviceMesh.
+3. Lightning calls the module's ``configure_model`` under :meth:`tensor_init_context` (meta device).
+4. ``setup``: the module's tensor-parallel plan is applied with ``parallelize_module``, parameters are
+   materialised and filled by the module's ``init_weights`` (same numbers on every layout), tied weights
+   are tied again, metrics are pointed at the data-parallel group, optimizers are built.
+5. Each optimizer step: forward and backward run as usual; then the gradients are summed over the
+   tensor-parallel group where sequence parallel left them partial, averaged over data parallel (one
+   flat bucket each), clipped by the true global norm, and the optimizer steps.
+
+This builds on Lightning's ``ModelParallelStrategy`` (launcher, process group, DCP checkpoint files) and
+diverges where it must: its mesh has no pipeline dimension and it never reduces data-parallel gradients
+unless the model applies FSDP itself (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.optim import Optimizer
+from torchmetrics import Metric
+
+from lightning_par.layout import ParallelLayout, default_backend
+from lightning_par.tensor_parallel import Replicated
+
+
+class HybridParallelStrategy(ModelParallelStrategy):
+    """Tensor (+ sequence) and data parallelism on one DeviceMesh, for models that follow the protocol.
+
+    Args:
+        tensor_parallel_size: ranks that split each layer. ``None``: every process not used by data or
+            pipeline parallel.
+        data_parallel_size: model replicas. ``None``: whatever is left after tp and pp.
+        pipeline_parallel_size: pipeline stages (1 until pipeline parallel lands).
+        sequence_parallel: run LayerNorm, dropout and residuals on sequence shards (reduce-scatter /
+            all-gather instead of all-reduce).
+        tp_comm_chunks: split each tensor-parallel all-reduce into this many pieces along the tokens so
+            communication overlaps the next piece's matmul (1 turns overlap off; numerics are the same).
+        process_group_backend: ``None`` picks NCCL on CUDA and gloo otherwise.
+    """
+
+    strategy_name = "tp"
+
+    def __init__(
+        self,
+        tensor_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        pipeline_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+        tp_comm_chunks: int = 4,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size="auto",
+            save_distributed_checkpoint=True,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        for name, value in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} is not valid: it must be None or an integer >= 1.")
+        if not isinstance(pipeline_parallel_size, int) or pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size!r} is not valid: it must be an integer >= 1.")
+        if pipeline_parallel_size != 1:
+            raise NotImplementedError(
+                f"pipeline_parallel_size={pipeline_parallel_size}: pipeline parallelism is not available yet; "
+                f"use pipeline_parallel_size=1."
+            )
+        if not isinstance(tp_comm_chunks, int) or tp_comm_chunks < 1:
+            raise ValueError(f"tp_comm_chunks={tp_comm_chunks!r} is not valid: it must be an integer >= 1.")
+        self._tp_arg = tensor_parallel_size
+        self._dp_arg = data_parallel_size
+        self._pp_arg = pipeline_parallel_size
+        self.sequence_parallel = sequence_parallel
+        self.tp_comm_chunks = tp_comm_chunks
+        self.layout: ParallelLayout | None = None
+        self.last_grad_norm: Tensor | None = None
+
+    # ---- layout and process groups ------------------------------------------------------------------
+    def _resolve_layout(self) -> ParallelLayout:
+        world = self.num_processes * self.num_nodes
+        return ParallelLayout.from_world_size(
+            world,
+            tensor_parallel_size=self._tp_arg,
+            data_parallel_size=self._dp_arg,
+            pipeline_parallel_size=self._pp_arg,
+            sequence_parallel=self.sequence_parallel,
+        )
+
+    def _configure_launcher(self) -> None:
+        # Runs inside Trainer(...): check the layout before any process is started.
+        self.layout = self._resolve_layout()
+        super()._configure_launcher()
+
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        self.layout = self._resolve_layout()
+        self._device_mesh = self.layout.build_mesh(self.root_device.type)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    def _get_process_group_backend(self) -> str:
+        return self._process_group_backend or default_backend(self.root_device.type)
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.device_mesh["tp"]
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh["dp"].get_group()
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh["tp"].get_group()
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dp = self.device_mesh["dp"]
+        return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
+
+    def describe_layout(self) -> dict[str, Any]:
+        assert self.layout is not None
+        return self.layout.describe(backend=self._process_group_backend)
+
+    # ---- model setup --------------------------------------------------------------------------------
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # Modules that know how to fill their own (sharded) weights are built on meta: no rank ever holds
+        # a full random copy. Others are built whole and sliced (every rank draws the same numbers).
+        module = self.lightning_module
+        meta = empty_init is not False and module is not None and hasattr(module, "init_weights")
+        with torch.device("meta") if meta else nullcontext(), self.precision_plugin.tensor_init_context():
+            yield
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None and self.layout is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        layout = self.layout
+        check = getattr(module, "check_layout", None)
+        if check is not None:
+            check(layout.tp, layout.sequence_parallel)
+        if getattr(module, "_lp_parallelized", False) is False:
+            self._parallelize(module)
+            module._lp_parallelized = True
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        for metric in module.modules():
+            if isinstance(metric, Metric):
+                metric.process_group = self.dp_group
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        # Lightning's clipping calls torch's clip_grad_norm_, which cannot count replicated shards once
+        # (nor, later, add pipeline stages): route it through the strategy's exact global norm.
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+
+    def _parallelize(self, module: nn.Module) -> None:
+        layout = self.layout
+        assert layout is not None
+        if layout.tp > 1:
+            plan_fn = getattr(module, "tensor_parallel_plan", None)
+            if plan_fn is None:
+                raise TypeError(
+                    f"tensor_parallel_size={layout.tp} needs the LightningModule to define "
+                    f"`tensor_parallel_plan(sequence_parallel, comm_chunks)` (see the model protocol in the README)."
+                )
+            parallelize_module(module, self.tp_mesh, plan_fn(layout.sequence_parallel, self.tp_comm_chunks))
+            # Whatever the plan did not name stays whole on every tp rank, as Replicate() DTensors.
+            for sub in module.modules():
+                if any(not isinstance(p, DTensor) for p in sub.parameters(recurse=False)):
+                    Replicated(sequence_parallel=layout.sequence_parallel)._apply(sub, self.tp_mesh)
+        post = getattr(module, "post_parallelize", None)
+        if post is not None:
+            post()
+        if any(p.device.type == "meta" for p in module.parameters()):
+            module.to_empty(device=self.root_device)
+            if hasattr(module, "post_parallelize"):
+                module.post_parallelize()
+            init = getattr(module, "init_weights", None)
+            if init is None:
+                raise TypeError("The model was built on meta but has no `init_weights()` to fill it.")
+            init()
+
+    # ---- the optimizer step ------------------------------------------------------------------------
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        def closure_and_reduce() -> Any:
+            result = closure()
+            self.reduce_gradients(_optimizer_params(optimizer))
+            return result
+
+        return super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
+
+    @torch.no_grad()
+    def reduce_gradients(self, params: Iterable[Tensor]) -> None:
+        """Sum sequence-parallel partial gradients over tp, then average all gradients over dp.
+
+        One flat bucket per collective: no per-parameter communication.
+        """
+        assert self.layout is not None
+        params = [p for p in params if p.grad is not None]
+        if self.layout.sequence_parallel:
+            # Under sequence parallel every replicated parameter (LayerNorm, position embedding, row-parallel
+            # bias) sees only this rank's sequence shard, so its gradient is a partial sum.
+            partial = [p.grad.to_local() for p in params if _is_replicated_dtensor(p.grad)]
+            _bucket_all_reduce(partial, self.tp_group, scale=1.0)
+        if self.layout.dp > 1:
+            _bucket_all_reduce([_local(p.grad) for p in params], self.dp_group, scale=1.0 / self.layout.dp)
+
+    @torch.no_grad()
+    def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
+        """The gradient norm of the whole (unsharded) model, each parameter counted once.
+
+        Sharded parameters contribute their shard's squares, summed over tp; replicated ones are the same
+        on every tp rank and are added once, after the sum. Data-parallel replicas already agree.
+        """
+        if norm_type != 2.0:
+            raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
+        sharded, replicated = [], []
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if isinstance(g, DTensor) and not _is_replicated_dtensor(g):
+                sharded.append(g.to_local())
+            else:
+                replicated.append(_local(g))
+        device = self.root_device
+        sq_sharded = _sum_squares(sharded, device)
+        if self.layout is not None and self.layout.tp > 1:
+            dist.all_reduce(sq_sharded, group=self.tp_group)
+        return (sq_sharded + _sum_squares(replicated, device)).sqrt()
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float | int) -> None:
+        params = list(_optimizer_params(optimizer))
+        total = self.global_grad_norm(params)
+        self.last_grad_norm = total
+        coef = (float(clip_val) / (total + 1e-6)).clamp(max=1.0)
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+    # ---- logging --------------------------------------------------------------------------------------
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """Reduce a logged value over data-parallel ranks only (tp/pp peers hold the same number)."""
+        if not isinstance(tensor, Tensor) or self._device_mesh is None or self.layout is None:
+            return tensor
+        if self.layout.dp == 1 and group is None:
+            return tensor
+        group = self.dp_group if group is None else group
+        op = str(reduce_op).lower() if reduce_op is not None else "mean"
+        out = tensor.detach().clone().float() if not tensor.is_floating_point() else tensor.detach().clone()
+        if op in ("mean", "avg", "reduceop.avg", "sum", "reduceop.sum"):
+            dist.all_reduce(out, group=group)
+            if op in ("mean", "avg", "reduceop.avg"):
+                out /= dist.get_world_size(group)
+        elif op in ("max", "reduceop.max"):
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        elif op in ("min", "reduceop.min"):
+            dist.all_reduce(out, op=dist.ReduceOp.MIN, group=group)
+        else:
+            raise ValueError(f"reduce_op={reduce_op!r} is not supported; use 'mean', 'sum', 'max' or 'min'.")
+        return out
+
+
+class TensorParallelStrategy(HybridParallelStrategy):
+    """Tensor parallel (Megatron style, optional sequence parallel) composed with data parallel.
+
+    ``Trainer(strategy="tp", devices=N)`` means tp=N. ``TensorParallelStrategy(tensor_parallel_size=2,
+    data_parallel_size=2)`` on 4 processes runs dp=2 x tp=2.
+    """
+
+    def __init__(
+        self,
+        tensor_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        sequence_parallel: bool = False,
+        tp_comm_chunks: int = 4,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            pipeline_parallel_size=1,
+            sequence_parallel=sequence_parallel,
+            tp_comm_chunks=tp_comm_chunks,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _is_replicated_dtensor(t: Tensor) -> bool:
+    return isinstance(t, DTensor) and all(isinstance(p, Replicate) for p in t.placements)
+
+
+def _optimizer_params(optimizer: Optimizer) -> Iterable[Tensor]:
+    opt = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the real one
+    for group in opt.param_groups:
+        yield from group["params"]
+
+
+def _sum_squares(tensors: list[Tensor], device: torch.device) -> Tensor:
+    if not tensors:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    norms = torch._foreach_norm([t.float() for t in tensors])
+    return torch.stack(norms).pow(2).sum()
+
+
+def _bucket_all_reduce(tensors: list[Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """All-reduce many tensors as one flat buffer per dtype, then scale and copy back."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group_tensors in by_dtype.values():
+        flat = _flatten_dense_tensors(group_tensors)
+        dist.all_reduce(flat, group=group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, synced in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors), strict=True):
+            t.copy_(synced)
+

@@ -1,0 +1,116 @@
+"""Transformer building blocks shared by GPT and BERT, written once for every layout.
+
+Activations are sequence-first, ``[T, B, C]``. The linear layers are
+:class:`lightning_par.tensor_parallel.ParallelLinear`: plain ``nn.Linear`` in one process, column- or
+row-parallel once a tensor-parallel plan is applied. Nothing here knows about process groups; the number
+of heads a rank holds is read off the shape of its q/k/v projection.
+
+The q/k/v projection is one fused linear whose output rows are ordered head by head
+(``[head, (q|k|v), head_dim]``), so splitting the rows over tp gives each rank whole heads with their
+q, k and v: one matmul and one backward all-reduce per attention instead of three.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_par.tensor_parallel import LayerNorm, ParallelLinear
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal (GPT) or bidirectional with a padding mask (BERT)."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, causal: bool) -> None:
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}.")
+        self.head_dim = n_embd // n_head
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = ParallelLinear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = ParallelLinear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        qkv = self.qkv(x)  # [T, B, 3 * local_heads * head_dim]
+        T, B = qkv.shape[0], qkv.shape[1]
+        heads = qkv.shape[-1] // (3 * self.head_dim)
+        # [T, B, H, 3, D] -> three [B, H, T, D]
+        qkv = qkv.view(T, B, heads, 3, self.head_dim).permute(3, 1, 2, 0, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and attn_mask is None,
+        )
+        y = y.permute(2, 0, 1, 3).reshape(T, B, heads * self.head_dim)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Two linears with GELU (tanh approximation, as GPT-2 and BERT use)."""
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool, dropout: float, gelu: str = "tanh") -> None:
+        super().__init__()
+        self.fc = ParallelLinear(n_embd, hidden, bias=bias)
+        self.proj = ParallelLinear(hidden, n_embd, bias=bias)
+        self.gelu = gelu
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.gelu)))
+
+
+class Block(nn.Module):
+    """A transformer block; ``pre_norm=True`` is GPT-2's layout, ``False`` the original (BERT) one."""
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        causal: bool = True,
+        pre_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        mlp_hidden: int | None = None,
+        gelu: str = "tanh",
+    ) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.ln_1 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
+        self.attn = SelfAttention(n_embd, n_head, bias, dropout, causal)
+        self.ln_2 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
+        self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, bias, dropout, gelu)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x), attn_mask)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, attn_mask))
+        return self.ln_2(x + self.mlp(x))
+
+
+def block_tp_plan(prefix: str, sequence_parallel: bool, comm_chunks: int) -> dict:
+    """The tensor-parallel plan of :class:`Block`, for layers under ``prefix`` (e.g. ``"layers.*"``)."""
+    from lightning_par.tensor_parallel import ColumnParallel, Replicated, RowParallel
+
+    kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
+    return {
+        f"{prefix}.ln_1": Replicated(**kw),
+        f"{prefix}.attn.qkv": ColumnParallel(**kw),
+        f"{prefix}.attn.proj": RowParallel(**kw),
+        f"{prefix}.ln_2": Replicated(**kw),
+        f"{prefix}.mlp.fc": ColumnParallel(**kw),
+        f"{prefix}.mlp.proj": RowParallel(**kw),
+    }
+
+
+def init_normal_(t: Tensor, std: float, generator: torch.Generator) -> Tensor:
+    """Fill ``t`` from ``generator`` (kept separate so every layout draws the same numbers)."""
+    return t.normal_(0.0, std, generator=generator)

@@ -1,0 +1,431 @@
+"""GPT-2 causal language model as a LightningModule that any layout can shard.
+
+The network follows the model protocol of ``lightning_par`` (see README, "Bring your own model"):
+
+* ``configure_model`` builds the full-size network (on the meta device when the strategy asks);
+* the network has ``embed`` (first pipeline stage), ``layers`` (``nn.ModuleDict`` keyed by global layer
+  index), ``norm`` and ``head`` (last stage); ``forward`` skips the parts that are absent;
+* ``tensor_parallel_plan`` gives the FQN -> style plan, ``init_weights`` fills materialised parameters
+  identically on every layout (each parameter drawn from a generator seeded by the run seed and the
+  parameter's name, then sharded), ``loss_fn`` computes a token-weighted loss on the last stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from lightning_par.tensor_parallel import (
+    LayerNorm,
+    ParallelEmbedding,
+    ParallelLinear,
+    Replicated,
+    VocabParallel,
+    local,
+    vocab_parallel_cross_entropy,
+)
+from lightning_par.models.blocks import Block, block_tp_plan
+from lightning_par.models.metrics import TokenMeanLoss
+
+
+@dataclass
+class GPTConfig:
+    """Shape and regularisation of a GPT-2 style model."""
+
+    vocab_size: int = 4096
+    """Number of real tokens (padded internally to ``pad_vocab_size_multiple``)."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    block_size: int = 256
+    """Maximum sequence length (learned position embeddings)."""
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    pad_vocab_size_multiple: int = 64
+    """The vocabulary is padded to a multiple of this (and of tp); padded rows never change the loss."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not valid: it must be a positive integer.")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                f"(valid n_head: {[d for d in range(1, self.n_embd + 1) if self.n_embd % d == 0][:12]}...)."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} is not valid: it must be in [0, 1).")
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        multiple = math.lcm(self.pad_vocab_size_multiple, tensor_parallel_size)
+        return -(-self.vocab_size // multiple) * multiple
+
+
+class GPTEmbedding(nn.Module):
+    """Token + learned position embeddings (first pipeline stage)."""
+
+    def __init__(self, cfg: GPTConfig, padded_vocab: int) -> None:
+        super().__init__()
+        self.wte = ParallelEmbedding(padded_vocab, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        tokens = self.wte(input_ids.t())  # [T, B, C], or [T / tp, B, C] under sequence parallel
+        info = self.wte.tp
+        t_local = tokens.shape[0]
+        start = info.rank * t_local if info is not None and info.sequence_parallel else 0
+        pos = local(self.wpe.weight)[start : start + t_local]
+        return self.drop(tokens + pos.unsqueeze(1))
+
+
+class GPTNetwork(nn.Module):
+    """The GPT-2 network; returns sequence-first logits ``[T, B, V_local]``."""
+
+    def __init__(self, cfg: GPTConfig, padded_vocab: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.padded_vocab = padded_vocab
+        self.embed: GPTEmbedding | None = GPTEmbedding(cfg, padded_vocab)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): Block(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout, True, True, cfg.layer_norm_eps)
+                for i in range(cfg.n_layer)
+            }
+        )
+        self.norm: LayerNorm | None = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.head: ParallelLinear | None = ParallelLinear(cfg.n_embd, padded_vocab, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head (again after sharding: see DESIGN §7)."""
+        if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
+            self.head.weight = self.embed.wte.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.embed is not None:
+            if x.shape[1] > self.cfg.block_size:
+                raise ValueError(
+                    f"sequence length {x.shape[1]} exceeds block_size={self.cfg.block_size}; "
+                    f"use sequences of at most {self.cfg.block_size} tokens."
+                )
+            x = self.embed(x)
+        for layer in self.layers.values():
+            x = layer(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+    def loss_fn(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Shifted next-token loss: ``(sum over counted tokens, number of counted tokens)``.
+
+        ``logits`` are ``[T, B, V_local]``; ``labels`` are ``[B, T]`` aligned with the inputs (the model
+        shifts), ``-100`` ignored. Padded vocabulary rows are masked out.
+        """
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).t()  # [T, B]
+        info = self.head.tp if self.head is not None else None
+        if info is None:
+            logits = logits[..., : self.cfg.vocab_size]
+        return vocab_parallel_cross_entropy(logits, shifted, info)
+
+    # ---- initialisation: same numbers on every layout ---------------------------------------------
+    def init_std(self, name: str) -> float | None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer); None: constant."""
+        if name.endswith("bias"):
+            return None
+        if ".ln_" in name or name.startswith("norm"):
+            return None
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            return 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        return 0.02
+
+    def random_init_source(self, seed: int) -> Callable[[str, torch.Size], Tensor]:
+        def source(name: str, shape: torch.Size) -> Tensor:
+            std = self.init_std(name)
+            if std is None:
+                fill = 1.0 if name.endswith("weight") else 0.0
+                return torch.full(shape, fill)
+            gen = torch.Generator().manual_seed(_name_seed(seed, name))
+            full = torch.empty(shape).normal_(0.0, std, generator=gen)
+            if name in ("embed.wte.weight", "head.weight"):
+                full[self.cfg.vocab_size :] = 0.0  # padded vocabulary rows
+            return full
+
+        return source
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def fill_parameters(module: nn.Module, source: Callable[[str, torch.Size], Tensor], prefix: str = "") -> None:
+    """Write ``source(name, global_shape)`` into every parameter, keeping only this rank's shard."""
+    seen: set[int] = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        full = source(prefix + name, param.shape)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(
+                full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+            )
+            param.to_local().copy_(full.to_local())
+        else:
+            param.copy_(full)
+
+
+class GPT(L.LightningModule):
+    """GPT-2 causal LM. Batches: ``{"input_ids": [B, T], "labels": [B, T]}`` (labels aligned, -100 ignored)."""
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 256,
+        block_size: int = 256,
+        bias: bool = True,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        layer_norm_eps: float = 1e-5,
+        pad_vocab_size_multiple: int = 64,
+        learning_rate: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 10,
+        lr_decay_steps: int | None = None,
+        init_seed: int | None = None,
+        hf_checkpoint: str | None = None,
+    ) -> None:
+        """
+        Args:
+            learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
+            min_lr_ratio: the cosine schedule decays to ``learning_rate * min_lr_ratio``.
+            weight_decay: applied to matrices only (not to biases, LayerNorm or position embeddings).
+            lr_decay_steps: length of the cosine decay; defaults to the trainer's total steps.
+            init_seed: seed of the weight initialisation; defaults to the global seed at construction
+                (``L.seed_everything``), so every layout starts from the same weights.
+            hf_checkpoint: a local Hugging Face GPT-2 directory to load instead of random weights.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = GPTConfig(
+            vocab_size=vocab_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            block_size=block_size,
+            bias=bias,
+            dropout=dropout,
+            tie_embeddings=tie_embeddings,
+            layer_norm_eps=layer_norm_eps,
+            pad_vocab_size_multiple=pad_vocab_size_multiple,
+        )
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate={learning_rate} is not valid: it must be > 0.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} is not valid: it must be >= 0.")
+        self.init_seed = torch.initial_seed() if init_seed is None else init_seed
+        self.model: GPTNetwork | None = None
+        self.val_loss = TokenMeanLoss()
+        self._tp_size = 1
+
+    # ---- model protocol ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        tp = self._tp_size
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        layout = getattr(strategy, "layout", None)
+        if layout is not None:
+            tp = layout.tp
+        self.model = GPTNetwork(self.config, self.config.padded_vocab_size(tp))
+        if self.model.head is not None and self.model.head.weight.device.type != "meta":
+            self.init_weights()
+
+    def check_layout(self, tensor_parallel_size: int, sequence_parallel: bool) -> None:
+        """Raise before any work if this model cannot be split ``tensor_parallel_size`` ways."""
+        cfg = self.config
+        if cfg.n_head % tensor_parallel_size:
+            valid = [d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size} does not divide n_head={cfg.n_head}; "
+                f"valid tensor_parallel_size for this model: {valid}."
+            )
+
+    def tensor_parallel_plan(self, sequence_parallel: bool, comm_chunks: int) -> dict[str, ParallelStyle]:
+        kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
+        plan: dict[str, ParallelStyle] = {
+            "model.embed.wte": VocabParallel(self.config.vocab_size, **kw),
+            "model.embed.wpe": Replicated(**kw),
+            **block_tp_plan("model.layers.*", sequence_parallel, comm_chunks),
+            "model.norm": Replicated(**kw),
+        }
+        if not self.config.tie_embeddings:
+            plan["model.head"] = VocabParallel(self.config.vocab_size, **kw)
+        return plan
+
+    def post_parallelize(self) -> None:
+        """Re-tie weights that ``parallelize_module`` replaced, and give the head its TP role."""
+        assert self.model is not None
+        if self.config.tie_embeddings and self.model.embed is not None and self.model.head is not None:
+            self.model.tie_weights()
+            info = self.model.embed.wte.tp
+            if info is not None:
+                self.model.head.tp = replace(info, kind="column")
+
+    def init_weights(self) -> None:
+        """Fill the (materialised, possibly sharded) parameters: HF checkpoint or seeded random init."""
+        assert self.model is not None
+        if self.hparams.hf_checkpoint:
+            from lightning_par.models.hf import gpt2_weight_source
+
+            source = gpt2_weight_source(self.hparams.hf_checkpoint, self.model)
+        else:
+            source = self.model.random_init_source(self.init_seed)
+        fill_parameters(self.model, source)
+
+    # ---- forward / steps --------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits ``[B, T, V_local]`` (this rank's vocabulary slice under tensor parallel)."""
+        assert self.model is not None, "call configure_model() first"
+        return self.model(input_ids).transpose(0, 1)
+
+    def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        assert self.model is not None
+        logits = self.model(batch["input_ids"])
+        return self.model.loss_fn(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss_sum, num_tokens = self._loss(batch)
+        loss = loss_sum / num_tokens.clamp(min=1)
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss_sum, num_tokens = self._loss(batch)
+        self.val_loss.update(loss_sum.detach(), num_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+        self.val_loss.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss))
+        self.val_loss.reset()
+
+    def on_fit_start(self) -> None:
+        self._log_config()
+
+    def _log_config(self) -> None:
+        if self.logger is None:
+            return
+        strategy = self.trainer.strategy
+        info: dict[str, Any] = {"model_config": asdict(self.config)}
+        describe = getattr(strategy, "describe_layout", None)
+        info["parallel"] = describe() if describe else {"world_size": self.trainer.world_size}
+        self.logger.log_hyperparams(info)
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "wpe" not in name else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), foreach=True)
+        total = hp.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- Hugging Face and generation ----------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path: str, **overrides: Any) -> GPT:
+        """A GPT whose weights come from a local Hugging Face GPT-2 directory (loaded when sharded)."""
+        from lightning_par.models.hf import gpt2_config_kwargs
+
+        kwargs = {**gpt2_config_kwargs(path), **overrides, "hf_checkpoint": str(path)}
+        return cls(**kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> Tensor:
+        """Sample continuations (one process or any tp layout: the vocab slices are gathered per step)."""
+        assert self.model is not None
+        was_training = self.training
+        self.eval()
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            ctx = ids[:, -self.config.block_size :]
+            logits = self.model(ctx)[-1]  # [B, V_local]
+            logits = gather_vocab(logits, self.model.head.tp if self.model.head is not None else None)
+            logits = logits[:, : self.config.vocab_size].float() / max(temperature, 1e-5)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1)
+            info = self.model.head.tp if self.model.head is not None else None
+            if info is not None:  # every tp rank must continue with the same token
+                torch.distributed.broadcast(nxt, src=torch.distributed.get_global_rank(info.group, 0), group=info.group)
+            ids = torch.cat([ids, nxt], dim=1)
+        self.train(was_training)
+        return ids
+
+
+def gather_vocab(logits: Tensor, info: Any) -> Tensor:
+    """Concatenate vocabulary slices over tp (only for sampling and tests: training never does this)."""
+    if info is None:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(info.size)]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=info.group)
+    return torch.cat(parts, dim=-1)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+

@@ -1,0 +1,145 @@
+"""Shared pieces of the layout-parity tests: tiny models, fixed batches, and an independent reference.
+
+The reference is a plain PyTorch loop on one process (no Lightning, no strategy): torch's own
+``clip_grad_norm_`` and AdamW on the unsharded model with the same seed. Parallel runs go through
+``lightning.Trainer`` with the strategy under test and must reproduce it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_par.models import GPT
+
+TINY = dict(vocab_size=250, n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=0.0)
+SEED = 1234
+OPTIM = dict(learning_rate=1e-3, warmup_steps=1, lr_decay_steps=10, weight_decay=0.1)
+
+
+class FixedBatches(Dataset):
+    """``n`` random sequences; row ``i`` is the same in every process."""
+
+    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0, ignore_some: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq_len), generator=g)
+        self.labels = self.ids.clone()
+        if ignore_some:
+            self.labels[:, :2] = -100  # the same number of ignored tokens per row
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+class Recorder(L.Callback):
+    """Records, per optimizer step: loss, reduced gradients, clipped gradients, and the final weights."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.clipped: list[dict[str, torch.Tensor]] = []
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append({n: full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach()
+        self.losses.append(float(trainer.strategy.reduce(loss, reduce_op="mean")))
+        self.clipped.append({n: full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None})
+        norm = getattr(trainer.strategy, "last_grad_norm", None)
+        if norm is not None:
+            self.norms.append(float(norm))
+
+
+def trainer_run(strategy: Any, devices: int, steps: int, batch_size: int, clip: float | None, data: Dataset) -> dict:
+    """Train ``GPT(**TINY)`` for ``steps`` with ``strategy``; return what rank 0 saw (full tensors)."""
+    L.seed_everything(SEED, verbose=False)
+    model = GPT(**TINY, **OPTIM)
+    rec = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[rec],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False))
+    params = {n: full(p) for n, p in model.named_parameters()}
+    return {"losses": rec.losses, "grads": rec.grads, "clipped": rec.clipped, "norms": rec.norms, "params": params}
+
+
+def reference_run(steps: int, batch_size: int, clip: float | None, data: Dataset) -> dict:
+    """The same training in one process with plain PyTorch (the independent reference)."""
+    L.seed_everything(SEED, verbose=False)
+    model = GPT(**TINY, **OPTIM)
+    model.configure_model()
+    opt = torch.optim.AdamW(model._param_groups(), lr=OPTIM["learning_rate"], betas=(0.9, 0.95))
+    from lightning_par.models.gpt import warmup_cosine
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(OPTIM["warmup_steps"], OPTIM["lr_decay_steps"], 0.1))
+    # Lightning always gives the training loader a shuffling DistributedSampler (seeded with the global
+    # seed, epoch 0); its
+    # permutation does not depend on the number of replicas, so one replica over the global batch size
+    # sees exactly the union of what the data-parallel ranks see, step by step.
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=SEED)
+    loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
+    out: dict[str, Any] = {"losses": [], "grads": [], "clipped": [], "norms": []}
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss_sum, n = model._loss(batch)
+        loss = loss_sum / n
+        loss.backward()
+        out["losses"].append(float(loss))
+        out["grads"].append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        if clip is not None:
+            out["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        out["clipped"].append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        sched.step()
+    out["params"] = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return out
+
+
+def assert_same_run(got: dict, ref: dict, rtol: float, atol: float, vocab: int, what: str) -> None:
+    """Compare every recorded quantity; padded vocabulary rows are compared too (they must stay 0)."""
+    torch.testing.assert_close(
+        torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=atol, msg=lambda m: f"{what} loss: {m}"
+    )
+    for key in ("grads", "clipped"):
+        assert len(got[key]) == len(ref[key]), f"{what}: {len(got[key])} {key} steps, expected {len(ref[key])}"
+        for step, (g, r) in enumerate(zip(got[key], ref[key], strict=True)):
+            assert g.keys() == r.keys(), f"{what} {key}: parameter names differ: {sorted(set(g) ^ set(r))}"
+            for name in r:
+                torch.testing.assert_close(
+                    g[name], r[name], rtol=rtol, atol=atol, msg=lambda m, n=name, s=step: f"{what} {key} step {s} {n}: {m}"
+                )
+    if ref["norms"]:
+        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=rtol, atol=atol)
+    # Final weights: Adam divides each gradient by its running RMS, so an element whose gradient is at
+    # round-off level (~1e-9) moves by a step whose size depends on that round-off. Such elements may
+    # differ by a small fraction of one update (lr = 1e-3): 1e-5 absolute is 1% of one step.
+    for name, r in ref["params"].items():
+        torch.testing.assert_close(
+            got["params"][name], r, rtol=rtol, atol=1e-5, msg=lambda m, n=name: f"{what} weights {n}: {m}"
+        )
