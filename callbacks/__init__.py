@@ -1,5 +1,6 @@
 """Callbacks for parallel training (installed as ``lightning_par.callbacks``)."""
 
+from lightning_par.callbacks.sampling import GenerateText
 from lightning_par.callbacks.throughput import TokensPerSecond
 
-__all__ = ["TokensPerSecond"]
+__all__ = ["GenerateText", "TokensPerSecond"]

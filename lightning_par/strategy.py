@@ -78,11 +78,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        for name, value in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
+        for name, value in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("data_parallel_size", data_parallel_size),
+        ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid: it must be None or an integer >= 1.")
         if not isinstance(pipeline_parallel_size, int) or pipeline_parallel_size < 1:
-            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size!r} is not valid: it must be an integer >= 1.")
+            raise ValueError(
+                f"pipeline_parallel_size={pipeline_parallel_size!r} is not valid: it must be an integer >= 1."
+            )
         if pipeline_parallel_size != 1:
             raise NotImplementedError(
                 f"pipeline_parallel_size={pipeline_parallel_size}: pipeline parallelism is not available yet; "
@@ -200,7 +205,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if post is not None:
             post()
         if any(p.device.type == "meta" for p in module.parameters()):
-            module.to_empty(device=self.root_device)
+            # Materialise only what is on meta: `module.to_empty()` would also wipe the metrics' states.
+            for sub in module.modules():
+                tensors = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+                if any(t.device.type == "meta" for t in tensors):
+                    sub.to_empty(device=self.root_device, recurse=False)
             if hasattr(module, "post_parallelize"):
                 module.post_parallelize()
             init = getattr(module, "init_weights", None)
@@ -209,7 +218,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             init()
 
     # ---- the optimizer step ------------------------------------------------------------------------
-    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
         def closure_and_reduce() -> Any:
             result = closure()
             self.reduce_gradients(_optimizer_params(optimizer))
@@ -349,4 +360,3 @@ def _bucket_all_reduce(tensors: list[Tensor], group: dist.ProcessGroup, scale: f
             flat.mul_(scale)
         for t, synced in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors), strict=True):
             t.copy_(synced)
-

@@ -21,6 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning_par.models.blocks import Block, block_tp_plan
+from lightning_par.models.metrics import TokenMeanLoss
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
@@ -34,8 +36,6 @@ from lightning_par.tensor_parallel import (
     local,
     vocab_parallel_cross_entropy,
 )
-from lightning_par.models.blocks import Block, block_tp_plan
-from lightning_par.models.metrics import TokenMeanLoss
 
 
 @dataclass
@@ -318,7 +318,9 @@ class GPT(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss_sum, num_tokens = self._loss(batch)
         loss = loss_sum / num_tokens.clamp(min=1)
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log(
+            "train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0]
+        )
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -366,7 +368,9 @@ class GPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), foreach=True)
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), foreach=True
+        )
         total = hp.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
@@ -403,7 +407,9 @@ class GPT(L.LightningModule):
             nxt = torch.multinomial(probs, 1)
             info = self.model.head.tp if self.model.head is not None else None
             if info is not None:  # every tp rank must continue with the same token
-                torch.distributed.broadcast(nxt, src=torch.distributed.get_global_rank(info.group, 0), group=info.group)
+                torch.distributed.broadcast(
+                    nxt, src=torch.distributed.get_global_rank(info.group, 0), group=info.group
+                )
             ids = torch.cat([ids, nxt], dim=1)
         self.train(was_training)
         return ids
@@ -428,4 +434,3 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
-

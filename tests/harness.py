@@ -26,7 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, init: bool, timeout: float, q: Any) -> None:
+def _child(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, init: bool, timeout: float, q: Any
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -79,7 +81,9 @@ def run_distributed(
     q = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(r, world_size, port, fn, args, init_process_group, timeout, q), daemon=False)
+        ctx.Process(
+            target=_child, args=(r, world_size, port, fn, args, init_process_group, timeout, q), daemon=False
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -11,10 +11,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning_par.models import GPT
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-from lightning_par.models import GPT
 
 TINY = dict(vocab_size=250, n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=0.0)
 SEED = 1234
@@ -63,7 +62,9 @@ class Recorder(L.Callback):
             self.norms.append(float(norm))
 
 
-def trainer_run(strategy: Any, devices: int, steps: int, batch_size: int, clip: float | None, data: Dataset) -> dict:
+def trainer_run(
+    strategy: Any, devices: int, steps: int, batch_size: int, clip: float | None, data: Dataset
+) -> dict:
     """Train ``GPT(**TINY)`` for ``steps`` with ``strategy``; return what rank 0 saw (full tensors)."""
     L.seed_everything(SEED, verbose=False)
     model = GPT(**TINY, **OPTIM)
@@ -84,7 +85,13 @@ def trainer_run(strategy: Any, devices: int, steps: int, batch_size: int, clip: 
     )
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False))
     params = {n: full(p) for n, p in model.named_parameters()}
-    return {"losses": rec.losses, "grads": rec.grads, "clipped": rec.clipped, "norms": rec.norms, "params": params}
+    return {
+        "losses": rec.losses,
+        "grads": rec.grads,
+        "clipped": rec.clipped,
+        "norms": rec.norms,
+        "params": params,
+    }
 
 
 def reference_run(steps: int, batch_size: int, clip: float | None, data: Dataset) -> dict:
@@ -95,7 +102,9 @@ def reference_run(steps: int, batch_size: int, clip: float | None, data: Dataset
     opt = torch.optim.AdamW(model._param_groups(), lr=OPTIM["learning_rate"], betas=(0.9, 0.95))
     from lightning_par.models.gpt import warmup_cosine
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(OPTIM["warmup_steps"], OPTIM["lr_decay_steps"], 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(OPTIM["warmup_steps"], OPTIM["lr_decay_steps"], 0.1)
+    )
     # Lightning always gives the training loader a shuffling DistributedSampler (seeded with the global
     # seed, epoch 0); its
     # permutation does not depend on the number of replicas, so one replica over the global batch size
@@ -124,18 +133,30 @@ def reference_run(steps: int, batch_size: int, clip: float | None, data: Dataset
 def assert_same_run(got: dict, ref: dict, rtol: float, atol: float, vocab: int, what: str) -> None:
     """Compare every recorded quantity; padded vocabulary rows are compared too (they must stay 0)."""
     torch.testing.assert_close(
-        torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=atol, msg=lambda m: f"{what} loss: {m}"
+        torch.tensor(got["losses"]),
+        torch.tensor(ref["losses"]),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: f"{what} loss: {m}",
     )
     for key in ("grads", "clipped"):
-        assert len(got[key]) == len(ref[key]), f"{what}: {len(got[key])} {key} steps, expected {len(ref[key])}"
+        assert len(got[key]) == len(ref[key]), (
+            f"{what}: {len(got[key])} {key} steps, expected {len(ref[key])}"
+        )
         for step, (g, r) in enumerate(zip(got[key], ref[key], strict=True)):
             assert g.keys() == r.keys(), f"{what} {key}: parameter names differ: {sorted(set(g) ^ set(r))}"
             for name in r:
                 torch.testing.assert_close(
-                    g[name], r[name], rtol=rtol, atol=atol, msg=lambda m, n=name, s=step: f"{what} {key} step {s} {n}: {m}"
+                    g[name],
+                    r[name],
+                    rtol=rtol,
+                    atol=atol,
+                    msg=lambda m, n=name, s=step, k=key: f"{what} {k} step {s} {n}: {m}",
                 )
     if ref["norms"]:
-        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=rtol, atol=atol)
+        torch.testing.assert_close(
+            torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=rtol, atol=atol
+        )
     # Final weights: Adam divides each gradient by its running RMS, so an element whose gradient is at
     # round-off level (~1e-9) moves by a step whose size depends on that round-off. Such elements may
     # differ by a small fraction of one update (lr = 1e-3): 1e-5 absolute is 1% of one step.
