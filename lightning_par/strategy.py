@@ -67,7 +67,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         data_parallel_size: int | None = None,
         pipeline_parallel_size: int = 1,
         sequence_parallel: bool = False,
-        tp_comm_chunks: int = 4,
+        tp_comm_chunks: int = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -277,6 +277,21 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].device))
 
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Refused for now: see the message.
+
+        Saving works (each rank writes its shards with ``torch.distributed.checkpoint``, inherited from
+        Lightning). Loading goes through DCP's ``FileSystemReader``, which unpickles ``.metadata`` with
+        plain ``pickle.load``: a crafted checkpoint would run code (DESIGN §7). Resuming arrives with the
+        safe reader of the sharded-checkpoint callback.
+        """
+        raise NotImplementedError(
+            f"ckpt_path={str(checkpoint_path)!r}: resuming from a sharded checkpoint is not supported yet "
+            "(torch.distributed.checkpoint's reader unpickles files as it ships; a safe reader comes with "
+            "lightning_par.callbacks.ShardedCheckpoint). Load weights with GPT.from_hf or start fresh."
+        )
+
     # ---- logging --------------------------------------------------------------------------------------
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         """Reduce a logged value over data-parallel ranks only (tp/pp peers hold the same number)."""
@@ -312,7 +327,7 @@ class TensorParallelStrategy(HybridParallelStrategy):
         tensor_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
         sequence_parallel: bool = False,
-        tp_comm_chunks: int = 4,
+        tp_comm_chunks: int = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:

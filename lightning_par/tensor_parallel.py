@@ -213,32 +213,29 @@ class _ReduceFromTP(torch.autograd.Function):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross-entropy over logits split by vocabulary; the full ``[tokens, vocab]`` tensor never exists.
 
-    Two small all-reduces over tp: the per-token max, then (sum of exp, target logit) together.
+    Each rank computes the log-sum-exp of its slice (one fused pass, no temporary the size of the
+    logits) and the target logit where it owns the target; one all-gather of those two small per-token
+    numbers gives the global log-sum-exp and target logit. Softmax is formed only in backward.
     """
 
     @staticmethod
     def forward(ctx, logits, target, vocab_start, group):  # type: ignore[override]
-        logits_max = logits.max(dim=-1).values
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        local_vocab = logits.shape[-1]
         local_target = target - vocab_start
-        outside = (local_target < 0) | (local_target >= local_vocab)
+        outside = (local_target < 0) | (local_target >= logits.shape[-1])
         local_target = local_target.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        exp = shifted.exp_()
-        stats = torch.stack([exp.sum(dim=-1), target_logit])
-        dist.all_reduce(stats, group=group)
-        sum_exp, target_logit = stats[0], stats[1]
-        loss = sum_exp.log() - target_logit
-        exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(exp, local_target, outside)
-        return loss
+        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        stats = torch.stack([torch.logsumexp(logits, dim=-1), target_logit])
+        gathered, _ = all_gather_dim0(stats, group)
+        gathered = gathered.view(-1, *stats.shape)  # [tp, 2, ...]
+        lse = torch.logsumexp(gathered[:, 0], dim=0)
+        ctx.save_for_backward(logits, lse, local_target, outside)
+        return lse - gathered[:, 1].sum(dim=0)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # type: ignore[override]
-        softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax.clone()
+        logits, lse, local_target, outside = ctx.saved_tensors
+        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # this rank's slice of the softmax
         hit = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))

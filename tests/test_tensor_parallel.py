@@ -36,7 +36,7 @@ def test_tp2_with_and_without_sequence_parallel():
     layouts = [
         {"tensor_parallel_size": 2},
         {"tensor_parallel_size": 2, "sequence_parallel": True},
-        {"tensor_parallel_size": 2, "tp_comm_chunks": 1},
+        {"tensor_parallel_size": 2, "tp_comm_chunks": 4},
     ]
     results = run_distributed(_tp_runs, 2, [dict(k) for k in layouts], init_process_group=False)[0]
     _check(results, layouts, [1, 1, 1])

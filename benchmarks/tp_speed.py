@@ -1,0 +1,200 @@
+"""Tokens/s of tensor parallel (tp=2) against one process, side by side in one run, one thread per process.
+
+    python benchmarks/tp_speed.py            # the issue's nanoGPT-like shape
+    python benchmarks/tp_speed.py --smoke    # tiny shape, 2 steps: checks the script still runs
+
+Every variant trains the same GPT through ``lightning.Trainer`` (AdamW, no clipping) on random tokens:
+
+* ``tp1``: one process, Lightning's default strategy (the baseline);
+* ``tp2``: ``TensorParallelStrategy`` (hand-written Megatron TP; backward all-reduce overlapped with the
+  weight-gradient matmul);
+* ``tp2_chunk4``: the same with ``tp_comm_chunks=4`` (each all-reduce split along the tokens so one
+  piece communicates while the next computes), to show what that overlap buys here;
+* ``tp2_sp``: the same with sequence parallel;
+* ``lightning_mp``: Lightning's own ``ModelParallelStrategy`` with torch's DTensor ``ColwiseParallel`` /
+  ``RowwiseParallel`` on the attention and MLP linears (embedding and head replicated).
+
+For ``tp2`` the time spent blocked in collectives (synchronous calls and ``wait()`` on async ones) is
+measured: that is the exposed communication; the rest of the step is compute and framework overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = dict(vocab_size=4096, n_layer=4, n_head=8, n_embd=512, block_size=256)
+SMOKE = dict(vocab_size=256, n_layer=1, n_head=2, n_embd=32, block_size=16)
+
+
+def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: int, steps: int) -> dict:
+    import lightning as L
+    import torch
+    from lightning_par.models import GPT
+    from torch.utils.data import DataLoader
+
+    import lightning_par
+    import lightning_par.tensor_parallel as tpmod
+
+    torch.set_num_threads(1)
+
+    class RandomTokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return batch * (warmup + steps + 2) * 2
+
+        def __getitem__(self, i: int) -> dict:
+            g = torch.Generator().manual_seed(i)
+            ids = torch.randint(0, shape["vocab_size"], (shape["block_size"],), generator=g)
+            return {"input_ids": ids, "labels": ids}
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.comm: list[float] = []
+            self._t0 = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, b, i) -> None:
+            COMM[0] = 0.0
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, out, b, i) -> None:
+            self.times.append(time.perf_counter() - self._t0)
+            self.comm.append(COMM[0])
+
+    COMM = [0.0]
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            res = fn(*args, **kwargs)
+            COMM[0] += time.perf_counter() - t
+            work = res[1] if isinstance(res, tuple) else res
+            if work is None:
+                return res
+
+            class TimedWork:
+                def wait(self_inner):
+                    t1 = time.perf_counter()
+                    work.wait()
+                    COMM[0] += time.perf_counter() - t1
+
+            return (res[0], TimedWork()) if isinstance(res, tuple) else TimedWork()
+
+        return call
+
+    for fn_name in ("all_reduce", "all_gather_dim0", "reduce_scatter_dim0"):
+        setattr(tpmod, fn_name, timed(getattr(tpmod, fn_name)))
+
+    class TorchTPGPT(GPT):
+        """Our GPT with torch's DTensor styles applied by the model, as Lightning's docs do it."""
+
+        def configure_model(self) -> None:
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            super().configure_model()
+            plan = {}
+            for i in range(shape["n_layer"]):
+                plan.update(
+                    {
+                        f"layers.{i}.attn.qkv": ColwiseParallel(),
+                        f"layers.{i}.attn.proj": RowwiseParallel(),
+                        f"layers.{i}.mlp.fc": ColwiseParallel(),
+                        f"layers.{i}.mlp.proj": RowwiseParallel(),
+                    }
+                )
+            parallelize_module(self.model, self.device_mesh["tensor_parallel"], plan)
+
+        def configure_optimizers(self) -> dict:
+            # DTensor (sharded linears) and plain (replicated) parameters cannot share one foreach kernel.
+            cfg = super().configure_optimizers()
+            cfg["optimizer"].defaults["foreach"] = False
+            for group in cfg["optimizer"].param_groups:
+                group["foreach"] = False
+            return cfg
+
+    model_cls, devices = GPT, world
+    if name == "tp1":
+        strategy = "auto"
+    elif name == "tp2":
+        strategy = lightning_par.TensorParallelStrategy(tensor_parallel_size=2)
+    elif name == "tp2_chunk4":
+        strategy = lightning_par.TensorParallelStrategy(tensor_parallel_size=2, tp_comm_chunks=4)
+    elif name == "tp2_sp":
+        strategy = lightning_par.TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=True)
+    elif name == "lightning_mp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy, model_cls = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), TorchTPGPT
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+
+    L.seed_everything(0, verbose=False)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(model_cls(**shape, warmup_steps=2), DataLoader(RandomTokens(), batch_size=batch))
+    times, comm = timer.times[warmup:], timer.comm[warmup:]
+    return {"step_s": sum(times) / len(times), "comm_s": sum(comm) / len(comm)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", default="tp1,tp2,tp2_chunk4,tp2_sp,lightning_mp")
+    args = parser.parse_args()
+    from tests.harness import run_distributed
+
+    shape, batch = (SMOKE, 2) if args.smoke else (SHAPE, 8)
+    steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
+    tokens = batch * shape["block_size"]
+    results = {}
+    for name in args.variants.split(","):
+        world = 1 if name == "tp1" else 2
+        res = run_distributed(
+            _variant, world, name, shape, batch, warmup, steps, init_process_group=False, timeout=900
+        )
+        results[name] = res[0]
+        r = res[0]
+        print(
+            f"{name:13s} step {r['step_s'] * 1000:8.1f} ms  tokens/s {tokens / r['step_s']:9.1f}  "
+            f"blocked in collectives {r['comm_s'] * 1000:7.1f} ms",
+            flush=True,
+        )
+    base = results.get("tp1")
+    if base:
+        print("\nspeed-up over tp1 (tokens/s ratio, same run):")
+        for name, r in results.items():
+            if name != "tp1":
+                print(f"  {name:13s} {base['step_s'] / r['step_s']:.3f}x")
+    if "tp2" in results and "lightning_mp" in results:
+        print(f"  tp2 / lightning_mp: {results['lightning_mp']['step_s'] / results['tp2']['step_s']:.3f}x")
+    if "tp2" in results:
+        r = results["tp2"]
+        print(
+            f"\ntp2 time split: {r['step_s'] * 1000:.1f} ms/step = {(r['step_s'] - r['comm_s']) * 1000:.1f} ms compute "
+            f"+ {r['comm_s'] * 1000:.1f} ms exposed communication"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

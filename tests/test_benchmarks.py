@@ -1,0 +1,29 @@
+"""The benchmark scripts still run (tiny shape, two steps); their figures are taken by hand, not in CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tp_speed_smoke():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "tp_speed.py"),
+            "--smoke",
+            "--variants",
+            "tp1,tp2,lightning_mp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tp2 time split:" in proc.stdout
+    assert "tp2 / lightning_mp:" in proc.stdout
