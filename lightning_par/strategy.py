@@ -59,8 +59,6 @@ class HybridParallelStrategy(ModelParallelStrategy):
         process_group_backend: ``None`` picks NCCL on CUDA and gloo otherwise.
     """
 
-    strategy_name = "tp"
-
     def __init__(
         self,
         tensor_parallel_size: int | None = None,

@@ -247,17 +247,14 @@ class GPT(L.LightningModule):
         self.init_seed = torch.initial_seed() if init_seed is None else init_seed
         self.model: GPTNetwork | None = None
         self.val_loss = TokenMeanLoss()
-        self._tp_size = 1
 
     # ---- model protocol ---------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        tp = self._tp_size
         strategy = self._trainer.strategy if self._trainer is not None else None
         layout = getattr(strategy, "layout", None)
-        if layout is not None:
-            tp = layout.tp
+        tp = layout.tp if layout is not None else 1
         self.model = GPTNetwork(self.config, self.config.padded_vocab_size(tp))
         if self.model.head is not None and self.model.head.weight.device.type != "meta":
             self.init_weights()
