@@ -62,6 +62,20 @@ class Recorder(L.Callback):
             self.norms.append(float(norm))
 
 
+def quiet_trainer(strategy: Any, devices: int, **kw: Any) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
 def trainer_run(
     strategy: Any, devices: int, steps: int, batch_size: int, clip: float | None, data: Dataset
 ) -> dict:
@@ -69,16 +83,11 @@ def trainer_run(
     L.seed_everything(SEED, verbose=False)
     model = GPT(**TINY, **OPTIM)
     rec = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
+    trainer = quiet_trainer(
+        strategy,
+        devices,
         max_steps=steps,
         gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[rec],

@@ -13,22 +13,9 @@ from torch.utils.data import DataLoader
 
 import lightning_par
 from tests.harness import run_distributed
-from tests.parity import TINY, FixedBatches
+from tests.parity import TINY, FixedBatches, quiet_trainer
 
 VAL_DATA = dict(n=24, seq_len=TINY["block_size"], vocab=TINY["vocab_size"], seed=7)
-
-
-def _trainer(strategy, devices: int, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
 
 
 class BatchFingerprint(L.Callback):
@@ -43,12 +30,12 @@ def _validate_and_batches(rank: int, world: int, strategy_kw: dict) -> dict:
     """trainer.validate on a fresh model; then 2 training steps recording which batch each rank saw."""
     L.seed_everything(5, verbose=False)
     model = GPT(**TINY)
-    val = _trainer(lightning_par.TensorParallelStrategy(**strategy_kw), world).validate(
+    val = quiet_trainer(lightning_par.TensorParallelStrategy(**strategy_kw), world).validate(
         model, DataLoader(FixedBatches(**VAL_DATA), batch_size=4), verbose=False
     )[0]
     fp = BatchFingerprint()
     L.seed_everything(5, verbose=False)
-    trainer = _trainer(
+    trainer = quiet_trainer(
         lightning_par.TensorParallelStrategy(**strategy_kw), world, max_steps=2, callbacks=[fp]
     )
     trainer.fit(GPT(**TINY), DataLoader(FixedBatches(32, 16, TINY["vocab_size"]), batch_size=4))
@@ -152,7 +139,7 @@ def _layer_checks(rank: int, world: int, hf_dir: str) -> dict:
     # 2. HF parity at tp=2 with a vocabulary (1001) that tp does not divide, and padded rows inert.
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     model = GPT.from_hf(hf_dir)
-    trainer = _trainer(lightning_par.TensorParallelStrategy(), world)
+    trainer = quiet_trainer(lightning_par.TensorParallelStrategy(), world)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 1001, (3, 24), generator=g)
     labels = ids.clone()
@@ -179,7 +166,7 @@ def _layer_checks(rank: int, world: int, hf_dir: str) -> dict:
 
     # 3. A model that tp cannot split fails in setup, before any step, naming the value.
     try:
-        _trainer(lightning_par.TensorParallelStrategy(), world, max_steps=1).fit(
+        quiet_trainer(lightning_par.TensorParallelStrategy(), world, max_steps=1).fit(
             GPT(vocab_size=64, n_layer=1, n_head=3, n_embd=24, block_size=8),
             DataLoader(FixedBatches(4, 8, 64), batch_size=2),
         )
