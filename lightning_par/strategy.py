@@ -195,21 +195,15 @@ class HybridParallelStrategy(ModelParallelStrategy):
                     f"`tensor_parallel_plan(sequence_parallel, comm_chunks)` (see the model protocol in the README)."
                 )
             parallelize_module(module, self.tp_mesh, plan_fn(layout.sequence_parallel, self.tp_comm_chunks))
+            post = getattr(module, "post_parallelize", None)
+            if post is not None:
+                post()  # re-tie before anything else looks at the (replaced) parameters
             # Whatever the plan did not name stays whole on every tp rank, as Replicate() DTensors.
             for sub in module.modules():
                 if any(not isinstance(p, DTensor) for p in sub.parameters(recurse=False)):
                     Replicated(sequence_parallel=layout.sequence_parallel)._apply(sub, self.tp_mesh)
-        post = getattr(module, "post_parallelize", None)
-        if post is not None:
-            post()
         if any(p.device.type == "meta" for p in module.parameters()):
-            # Materialise only what is on meta: `module.to_empty()` would also wipe the metrics' states.
-            for sub in module.modules():
-                tensors = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
-                if any(t.device.type == "meta" for t in tensors):
-                    sub.to_empty(device=self.root_device, recurse=False)
-            if hasattr(module, "post_parallelize"):
-                module.post_parallelize()
+            _materialize_meta(module, self.root_device)
             init = getattr(module, "init_weights", None)
             if init is None:
                 raise TypeError("The model was built on meta but has no `init_weights()` to fill it.")
@@ -342,6 +336,26 @@ class TensorParallelStrategy(HybridParallelStrategy):
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _materialize_meta(module: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer real (uninitialised) storage on ``device``.
+
+    Only meta tensors are touched (``module.to_empty()`` would also wipe the metrics' states), and a
+    tensor shared by several modules (tied weights) gets one new tensor shared the same way.
+    """
+    new: dict[int, Tensor] = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in new:
+                    empty = torch.empty_like(t, device=device)
+                    if isinstance(t, nn.Parameter):
+                        empty = nn.Parameter(empty, requires_grad=t.requires_grad)
+                    new[id(t)] = empty
+                store[name] = new[id(t)]
 
 
 def _is_replicated_dtensor(t: Tensor) -> bool:
