@@ -54,8 +54,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
         pipeline_parallel_size: pipeline stages (1 until pipeline parallel lands).
         sequence_parallel: run LayerNorm, dropout and residuals on sequence shards (reduce-scatter /
             all-gather instead of all-reduce).
-        tp_comm_chunks: split each tensor-parallel all-reduce into this many pieces along the tokens so
-            communication overlaps the next piece's matmul (1 turns overlap off; numerics are the same).
+        tp_comm_chunks: split the batch into this many chunks inside the transformer blocks, so that one
+            chunk's forward all-reduce runs while the next chunk computes (1: no split; the numbers are
+            the same either way). Ignored under sequence parallel.
         process_group_backend: ``None`` picks NCCL on CUDA and gloo otherwise.
     """
 

@@ -11,8 +11,9 @@ How it fits together:
   ``full_tensor()`` and resharding work as for any DTensor model, and they tell the layer its role.
 * The forward and backward of a sharded layer run on the local shards with hand-written collectives
   (autograd Functions below) instead of DTensor dispatch: on CPU the DTensor path costs about a fifth of
-  the step in dispatch and redistribution, and it cannot overlap the all-reduce of one chunk of tokens
-  with the matmul of the next, which is what brings tp=2 close to 2x.
+  the step in dispatch and redistribution, and it cannot leave an all-reduce in flight while other work
+  computes (the backward input-gradient all-reduce behind the weight-gradient matmul; in forward, one
+  batch chunk's all-reduce behind the other chunk's block, see ``models/blocks.forward_interleaved``).
 
 Activations inside the model are sequence-first, ``[T, B, C]`` (as in Megatron): with sequence parallel
 the sequence shard of each rank is then a contiguous slice of rows, so all-gather and reduce-scatter
@@ -68,13 +69,6 @@ def reduce_scatter_dim0(tensor: Tensor, group: dist.ProcessGroup, async_op: bool
     return out, work
 
 
-def _row_chunks(n: int, chunks: int) -> list[tuple[int, int]]:
-    """Split ``n`` rows into at most ``chunks`` contiguous ranges of near-equal size."""
-    chunks = max(1, min(chunks, n))
-    bounds = [n * i // chunks for i in range(chunks + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(chunks) if bounds[i + 1] > bounds[i]]
-
-
 # --------------------------------------------------------------------------------------------------------
 # What a layer knows about its sharding (set by the plan styles; ``None`` means "not sharded").
 # --------------------------------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ class TPInfo:
     rank: int
     size: int
     sequence_parallel: bool
-    comm_chunks: int = 1
+    comm_chunks: int = 1  # batch chunks the model interleaves to overlap forward all-reduces
     # "vocab" only: first vocabulary row held by this rank and the number of real (unpadded) rows.
     vocab_start: int = 0
     num_real_rows: int = 0
@@ -111,7 +105,7 @@ class _ColumnParallelLinearFn(torch.autograd.Function):
     """y = x W^T + b with W split by output rows. Input replicated (or sequence-sharded with SP).
 
     Forward needs no communication (SP: one all-gather of the input). Backward sums the input gradient
-    over tp: issued asynchronously chunk by chunk while the next chunk and the weight gradient compute.
+    over tp, issued asynchronously while the weight gradient computes.
     """
 
     @staticmethod
@@ -129,54 +123,42 @@ class _ColumnParallelLinearFn(torch.autograd.Function):
         info: TPInfo = ctx.info
         out_features, in_features = weight.shape
         g2 = grad_out.reshape(-1, out_features)
-        x2 = x.reshape(-1, in_features)
-        grad_x = None
-        works = []
+        grad_x = work = None
         if ctx.needs_input_grad[0]:
-            grad_x2 = g2.new_empty((g2.shape[0], in_features))
+            grad_x = g2.mm(weight).view(*x.shape)
             if info.sequence_parallel:
-                torch.mm(g2, weight, out=grad_x2)
-                grad_x_shard, work = reduce_scatter_dim0(grad_x2.view(*x.shape), info.group, async_op=True)
-                works.append(work)
+                grad_x, work = reduce_scatter_dim0(grad_x, info.group, async_op=True)
             else:
-                for lo, hi in _row_chunks(g2.shape[0], info.comm_chunks):
-                    torch.mm(g2[lo:hi], weight, out=grad_x2[lo:hi])
-                    works.append(all_reduce(grad_x2[lo:hi], info.group, async_op=True))
-        grad_w = g2.t().mm(x2) if ctx.needs_input_grad[1] else None
+                work = all_reduce(grad_x, info.group, async_op=True)
+        # The weight gradient computes while the input gradient is being summed over tp.
+        grad_w = g2.t().mm(x.reshape(-1, in_features)) if ctx.needs_input_grad[1] else None
         grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        for work in works:
+        if work is not None:
             work.wait()
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_x_shard if info.sequence_parallel else grad_x2.view(*x.shape)
         return grad_x, grad_w, grad_b, None
 
 
 class _RowParallelLinearFn(torch.autograd.Function):
     """y = sum over tp of x_r W_r^T with W split by input columns; bias is added by the caller.
 
-    Forward all-reduces the partial outputs (SP: reduce-scatters them by sequence), chunk by chunk so
-    that one chunk's all-reduce runs while the next chunk's matmul computes. Backward needs no
+    Forward all-reduces the partial outputs (SP: reduce-scatters them by sequence). Given a ``pending``
+    list, the all-reduce is issued asynchronously and its handle appended there: the caller waits before
+    reading ``y`` and meanwhile computes something else (another chunk of the batch). Backward needs no
     communication (SP: one all-gather of the output gradient).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, info: TPInfo):  # type: ignore[override]
+    def forward(ctx, x, weight, info: TPInfo, pending: list | None = None):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.info = info
-        out_features = weight.shape[0]
-        x2 = x.reshape(-1, x.shape[-1])
+        y = x.reshape(-1, x.shape[-1]).mm(weight.t()).view(*x.shape[:-1], weight.shape[0])
         if info.sequence_parallel:
-            y = x2.mm(weight.t()).view(*x.shape[:-1], out_features)
             y, _ = reduce_scatter_dim0(y, info.group)
-            return y
-        y = x2.new_empty((x2.shape[0], out_features))
-        works = []
-        for lo, hi in _row_chunks(x2.shape[0], info.comm_chunks):
-            torch.mm(x2[lo:hi], weight.t(), out=y[lo:hi])
-            works.append(all_reduce(y[lo:hi], info.group, async_op=True))
-        for work in works:
-            work.wait()
-        return y.view(*x.shape[:-1], out_features)
+        elif pending is None:
+            all_reduce(y, info.group)
+        else:
+            pending.append(all_reduce(y, info.group, async_op=True))
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -187,7 +169,7 @@ class _RowParallelLinearFn(torch.autograd.Function):
         g2 = grad_out.reshape(-1, weight.shape[0])
         grad_x = g2.mm(weight).view(*x.shape) if ctx.needs_input_grad[0] else None
         grad_w = g2.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
+        return grad_x, grad_w, None, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -259,7 +241,24 @@ class ParallelLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if info.kind == "column":
             return _ColumnParallelLinearFn.apply(x, local(self.weight), local(self.bias), info)
-        y = _RowParallelLinearFn.apply(x, local(self.weight), info)
+        return self.add_bias(_RowParallelLinearFn.apply(x, local(self.weight), info))
+
+    def forward_deferred(self, x: Tensor, pending: list) -> Tensor:
+        """Row-parallel matmul whose all-reduce is left in flight (handle appended to ``pending``).
+
+        Read the result only after waiting on ``pending``, then call :meth:`add_bias`. Without tensor
+        parallel this is the plain matmul and nothing is pending.
+        """
+        info = self.tp
+        if info is None:
+            return F.linear(x, self.weight)
+        if info.kind != "row":
+            raise ValueError(f"forward_deferred is for row-parallel layers, not {info.kind!r} ones.")
+        return _RowParallelLinearFn.apply(
+            x, local(self.weight), info, None if info.sequence_parallel else pending
+        )
+
+    def add_bias(self, y: Tensor) -> Tensor:
         return y if self.bias is None else y + local(self.bias)
 
 

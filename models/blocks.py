@@ -34,6 +34,17 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        return self.resid_dropout(self.proj(self._heads(x, attn_mask)))
+
+    def forward_deferred(self, x: Tensor, pending: list, attn_mask: Tensor | None = None) -> Tensor:
+        """Like ``forward`` up to the output projection, whose all-reduce is left in ``pending``."""
+        return self.proj.forward_deferred(self._heads(x, attn_mask), pending)
+
+    def finish(self, y: Tensor) -> Tensor:
+        """Complete :meth:`forward_deferred` once ``pending`` has been waited on."""
+        return self.resid_dropout(self.proj.add_bias(y))
+
+    def _heads(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         qkv = self.qkv(x)  # [T, B, 3 * local_heads * head_dim]
         T, B = qkv.shape[0], qkv.shape[1]
         heads = qkv.shape[-1] // (3 * self.head_dim)
@@ -48,8 +59,7 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and attn_mask is None,
         )
-        y = y.permute(2, 0, 1, 3).reshape(T, B, heads * self.head_dim)
-        return self.resid_dropout(self.proj(y))
+        return y.permute(2, 0, 1, 3).reshape(T, B, heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -64,6 +74,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.gelu)))
+
+    def forward_deferred(self, x: Tensor, pending: list, attn_mask: Tensor | None = None) -> Tensor:
+        """Like ``forward`` up to the second linear, whose all-reduce is left in ``pending``."""
+        return self.proj.forward_deferred(F.gelu(self.fc(x), approximate=self.gelu), pending)
+
+    def finish(self, y: Tensor) -> Tensor:
+        return self.dropout(self.proj.add_bias(y))
 
 
 class Block(nn.Module):
@@ -94,6 +111,33 @@ class Block(nn.Module):
             return x + self.mlp(self.ln_2(x))
         x = self.ln_1(x + self.attn(x, attn_mask))
         return self.ln_2(x + self.mlp(x))
+
+
+def forward_interleaved(blocks: list[Block], chunks: list[Tensor]) -> list[Tensor]:
+    """Run pre-norm blocks on several chunks of the batch, overlapping communication with compute.
+
+    The blocks are taken half by half (attention, MLP). Each chunk's row-parallel all-reduce is left in
+    flight while the other chunks compute the same half, and is waited on only when that chunk goes on
+    to its next half. With two chunks every all-reduce but the last overlaps a matmul of the other
+    chunk. Each token sees exactly the operations of ``Block.forward`` (no attention mask: causal).
+    """
+    if any(not b.pre_norm for b in blocks):
+        raise ValueError("forward_interleaved supports pre-norm blocks only.")
+    xs = list(chunks)
+    in_flight: list[tuple[Tensor, list, nn.Module] | None] = [None] * len(xs)
+    halves = [(half, norm) for b in blocks for half, norm in ((b.attn, b.ln_1), (b.mlp, b.ln_2))]
+    for half, norm in [*halves, (None, None)]:
+        for i in range(len(xs)):
+            if in_flight[i] is not None:
+                y, pending, prev = in_flight[i]
+                for work in pending:
+                    work.wait()
+                xs[i] = xs[i] + prev.finish(y)
+                in_flight[i] = None
+            if half is not None:
+                pending: list = []
+                in_flight[i] = (half.forward_deferred(norm(xs[i]), pending), pending, half)
+    return xs
 
 
 def block_tp_plan(prefix: str, sequence_parallel: bool, comm_chunks: int) -> dict:

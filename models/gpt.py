@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning_par.models.blocks import Block, block_tp_plan
+from lightning_par.models.blocks import Block, block_tp_plan, forward_interleaved
 from lightning_par.models.metrics import TokenMeanLoss
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -123,13 +123,29 @@ class GPTNetwork(nn.Module):
                     f"use sequences of at most {self.cfg.block_size} tokens."
                 )
             x = self.embed(x)
-        for layer in self.layers.values():
-            x = layer(x)
+        blocks = list(self.layers.values())
+        chunks = self.overlap_chunks(x.shape[1])
+        if chunks > 1:
+            # Tensor parallel: split the batch so one chunk's all-reduces overlap the other's matmuls.
+            parts = forward_interleaved(blocks, [c.contiguous() for c in x.chunk(chunks, dim=1)])
+            x = torch.cat(parts, dim=1)
+        else:
+            for layer in blocks:
+                x = layer(x)
         if self.norm is not None:
             x = self.norm(x)
         if self.head is not None:
             x = self.head(x)
         return x
+
+    def overlap_chunks(self, batch_size: int) -> int:
+        """Batch chunks for communication overlap: the plan's ``comm_chunks`` under plain tensor parallel."""
+        if not self.layers:
+            return 1
+        info = next(iter(self.layers.values())).attn.proj.tp
+        if info is None or info.sequence_parallel:
+            return 1
+        return max(1, min(info.comm_chunks, batch_size))
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Shifted next-token loss: ``(sum over counted tokens, number of counted tokens)``.
