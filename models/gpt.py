@@ -170,8 +170,10 @@ class GPTNetwork(nn.Module):
             return 0.02 / math.sqrt(2 * self.cfg.n_layer)
         return 0.02
 
-    def random_init_source(self, seed: int) -> Callable[[str, torch.Size], Tensor]:
-        def source(name: str, shape: torch.Size) -> Tensor:
+    def random_init_source(self, seed: int) -> Callable[..., Tensor]:
+        """Every rank draws the whole tensor (so the numbers do not depend on the layout); the caller slices."""
+
+        def source(name: str, shape: torch.Size, shard: Shard | None = None) -> Tensor:
             std = self.init_std(name)
             if std is None:
                 fill = 1.0 if name.endswith("weight") else 0.0
@@ -190,22 +192,55 @@ def _name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+Shard = tuple[int, int, int]
+"""``(dim, start, stop)``: the rows ``start:stop`` of dimension ``dim`` of a parameter's global tensor."""
+
+
+def local_shard(param: Tensor) -> Shard | None:
+    """The slice of the global tensor this rank holds, or ``None`` when it holds the whole tensor."""
+    if not isinstance(param, DTensor):
+        return None
+    shard = None
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            if shard is not None:
+                return None  # sharded over several mesh dims: let distribute_tensor slice
+            dim = placement.dim % param.ndim
+            size, rank = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+            if param.shape[dim] % size:
+                return None
+            step = param.shape[dim] // size
+            shard = (dim, rank * step, (rank + 1) * step)
+    return shard
+
+
 @torch.no_grad()
-def fill_parameters(module: nn.Module, source: Callable[[str, torch.Size], Tensor], prefix: str = "") -> None:
-    """Write ``source(name, global_shape)`` into every parameter, keeping only this rank's shard."""
+def fill_parameters(module: nn.Module, source: Callable[..., Tensor], prefix: str = "") -> None:
+    """Write ``source(name, global_shape, shard)`` into every parameter, keeping only this rank's shard.
+
+    ``shard`` (see :func:`local_shard`) lets a source read just this rank's slice (a checkpoint on disk);
+    a source may also return the whole tensor, which is then sliced here.
+    """
     seen: set[int] = set()
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) in seen:
             continue
         seen.add(id(param))
-        full = source(prefix + name, param.shape)
-        if isinstance(param, DTensor):
-            full = distribute_tensor(
-                full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
-            )
-            param.to_local().copy_(full.to_local())
-        else:
-            param.copy_(full)
+        shard = local_shard(param)
+        value = source(prefix + name, param.shape, shard)
+        target = param.to_local() if isinstance(param, DTensor) else param
+        if value.shape != target.shape:  # the source returned the whole tensor
+            if shard is not None:
+                dim, start, stop = shard
+                value = value.narrow(dim, start, stop - start)
+            else:
+                value = distribute_tensor(
+                    value.to(param.device, param.dtype),
+                    param.device_mesh,
+                    param.placements,
+                    src_data_rank=None,
+                ).to_local()
+        target.copy_(value)
 
 
 class GPT(L.LightningModule):

@@ -262,8 +262,57 @@ def _hf_key(our_name: str) -> tuple[str, str]:
     raise CheckpointKeyError(f"parameter {our_name!r} has no counterpart in a Hugging Face GPT-2 checkpoint.")
 
 
-def gpt2_weight_source(path: str | os.PathLike, network: GPTNetwork) -> Callable[[str, torch.Size], Tensor]:
-    """``source(our_name, global_shape)``: the full tensor of one of our parameters, from a HF GPT-2 directory.
+def _read_shard(
+    sliced: Any, conversion: str, shard: tuple[int, int, int], shape: torch.Size, cfg: GPTConfig
+) -> Tensor | None:
+    """Read only rows ``start:stop`` of dim ``dim`` of our tensor from the checkpoint (memory-mapped slice).
+
+    Returns ``None`` for a slice this function does not map (the caller then reads the whole tensor).
+    """
+    dim, start, stop = shard
+    if conversion == "copy":
+        index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(shape)))
+        return sliced[index].contiguous()
+    if conversion == "transpose":  # ours [out, in] = hf [in, out].t()
+        index = (slice(None), slice(start, stop)) if dim == 0 else (slice(start, stop), slice(None))
+        return sliced[index].t().contiguous()
+    if conversion == "vocab" and dim == 0:
+        part = torch.zeros((stop - start, *shape[1:]), dtype=_safetensors_dtype(sliced))
+        real_stop = min(stop, cfg.vocab_size)
+        if real_stop > start:
+            part[: real_stop - start] = sliced[start:real_stop]
+        return part
+    head_rows = 3 * (cfg.n_embd // cfg.n_head)  # q, k and v rows of one head
+    if (
+        conversion in ("qkv_weight", "qkv_bias")
+        and dim == 0
+        and start % head_rows == 0
+        and stop % head_rows == 0
+    ):
+        # Our rows (head, q|k|v, dim) for heads h0:h1 are, in the checkpoint, three column ranges.
+        hd = cfg.n_embd // cfg.n_head
+        h0, h1 = start // head_rows, stop // head_rows
+        cols = [(j * cfg.n_embd + h0 * hd, j * cfg.n_embd + h1 * hd) for j in range(3)]
+        if conversion == "qkv_weight":
+            parts = [sliced[:, a:b] for a, b in cols]  # each [C, heads * hd]
+            stacked = torch.cat(parts, dim=1)  # [C, 3 * heads * hd] in (q|k|v, head, dim) order
+            return _hf_to_ours(stacked, "qkv_weight", h1 - h0).contiguous()
+        stacked = torch.cat([sliced[a:b] for a, b in cols])
+        return _hf_to_ours(stacked, "qkv_bias", h1 - h0).contiguous()
+    return None
+
+
+def _safetensors_dtype(sliced: Any) -> torch.dtype:
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    return names.get(sliced.get_dtype(), torch.float32)
+
+
+def gpt2_weight_source(path: str | os.PathLike, network: GPTNetwork) -> Callable[..., Tensor]:
+    """``source(our_name, global_shape, shard=None)``: one of our parameters from a HF GPT-2 directory.
+
+    With ``shard=(dim, start, stop)`` only that slice of our tensor is read from disk (memory-mapped
+    ``get_slice``): a tensor-parallel rank never holds a whole sharded weight. Slices that do not map onto
+    a contiguous read (q/k/v split inside a head) fall back to reading the tensor.
 
     The checkpoint's structure (vocab_size, n_layer, n_head, n_embd, n_positions) must match
     ``network.cfg``; a tied checkpoint may be loaded into an untied network (the head starts as a copy of
@@ -300,7 +349,7 @@ def gpt2_weight_source(path: str | os.PathLike, network: GPTNetwork) -> Callable
     key_map = _safetensors_key_map(directory)
     prefixed = any(k.startswith("transformer.") for k in key_map)  # GPT2Model checkpoints have bare keys
 
-    def source(name: str, shape: torch.Size) -> Tensor:
+    def source(name: str, shape: torch.Size, shard: tuple[int, int, int] | None = None) -> Tensor:
         key, conversion = _hf_key(name)
         if key == "lm_head.weight" and ckpt_tied:
             key = "transformer.wte.weight"  # the head of a tied checkpoint is its token embedding
@@ -319,12 +368,17 @@ def gpt2_weight_source(path: str | os.PathLike, network: GPTNetwork) -> Callable
         else:
             expected = list(shape)
         with safe_open(str(file), framework="pt") as f:
-            got = list(f.get_slice(key).get_shape())
+            sliced = f.get_slice(key)
+            got = list(sliced.get_shape())
             if got != expected or (conversion == "vocab" and shape[0] < cfg.vocab_size):
                 raise CheckpointKeyError(
                     f"shape mismatch for parameter {name!r} (checkpoint tensor {key!r}): expected {expected} "
                     f"(our shape {list(shape)}), got {got}."
                 )
+            if shard is not None:
+                part = _read_shard(sliced, conversion, shard, shape, cfg)
+                if part is not None:
+                    return part
             tensor = f.get_tensor(key)
         if conversion == "vocab":
             full = tensor.new_zeros(shape)

@@ -193,6 +193,36 @@ def test_weight_source_pads_vocab_to_requested_rows(tmp_path):
     assert fc.is_contiguous() and torch.equal(fc, hf.transformer.h[0].mlp.c_fc.weight.t())
 
 
+def test_weight_source_reads_only_the_requested_shard(tmp_path):
+    """Every tensor-parallel slice equals the same slice of the whole tensor; the usual tp slices (whole
+    heads, vocab rows, row/column splits) come back already cut, i.e. read from disk as a slice."""
+    _tiny_hf(tmp_path)
+    model = GPT.from_hf(tmp_path)
+    model.configure_model()
+    source = gpt2_weight_source(tmp_path, model.model)
+    checked = 0
+    for name, param in model.model.named_parameters():
+        whole = source(name, param.shape)
+        for dim in range(param.ndim):
+            for parts in (2, 4):
+                if param.shape[dim] % parts:
+                    continue
+                step = param.shape[dim] // parts
+                for rank in range(parts):
+                    shard = (dim, rank * step, (rank + 1) * step)
+                    got = source(name, param.shape, shard)
+                    expected = whole.narrow(dim, rank * step, step)
+                    # Not tensor-parallel slices (read whole, then cut): q/k/v or vocab split by columns.
+                    column_cut = dim == 1 and ("qkv.weight" in name or "wte" in name or name == "head.weight")
+                    if not column_cut:
+                        assert got.shape == expected.shape, f"{name} {shard}: read the whole tensor"
+                    else:
+                        got = got.narrow(dim, rank * step, step)
+                    assert torch.equal(got, expected), f"{name} {shard}"
+                    checked += 1
+    assert checked > 100
+
+
 # ---- saving ----------------------------------------------------------------------------------------------
 
 
