@@ -60,7 +60,7 @@ def _reference_val_loss() -> float:
     return loss_sum / count
 
 
-def _check_validate_and_batches(results: list[dict]) -> None:
+def _assert_validate_and_batches(results: list[dict]) -> None:
     ref = _reference_val_loss()
     for r in results:
         # val/loss is a token-weighted mean of fp32 sums taken in another order: fp32 round-off.
@@ -77,12 +77,12 @@ def _check_validate_and_batches(results: list[dict]) -> None:
 
 
 def test_validate_and_batches_tp2():
-    _check_validate_and_batches(run_distributed(_validate_and_batches, 2, {}, init_process_group=False))
+    _assert_validate_and_batches(run_distributed(_validate_and_batches, 2, {}, init_process_group=False))
 
 
 def test_validate_and_batches_dp2_tp2():
     kw = {"tensor_parallel_size": 2, "data_parallel_size": 2}
-    _check_validate_and_batches(run_distributed(_validate_and_batches, 4, kw, init_process_group=False))
+    _assert_validate_and_batches(run_distributed(_validate_and_batches, 4, kw, init_process_group=False))
 
 
 def _layer_checks(rank: int, world: int, hf_dir: str) -> dict:
