@@ -6,9 +6,9 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_par.layout import ParallelLayout
-from lightning_par.strategy import HybridParallelStrategy, TensorParallelStrategy
+from lightning_par.strategy import HybridParallelStrategy, PipelineParallelStrategy, TensorParallelStrategy
 
-__all__ = ["HybridParallelStrategy", "ParallelLayout", "TensorParallelStrategy"]
+__all__ = ["HybridParallelStrategy", "ParallelLayout", "PipelineParallelStrategy", "TensorParallelStrategy"]
 __version__ = "0.1.0"
 
 _STRATEGIES = {
@@ -17,6 +17,12 @@ _STRATEGIES = {
         TensorParallelStrategy,
         "Tensor parallel with sequence parallel over all devices.",
         {"sequence_parallel": True},
+    ),
+    "pp": (PipelineParallelStrategy, "Pipeline parallel over all devices (pp = devices), 1F1B."),
+    "tp_pp": (
+        HybridParallelStrategy,
+        "Tensor x pipeline parallel: tp fills a node (up to 8, at most half the devices), pp takes the rest.",
+        {"tensor_parallel_size": None, "pipeline_parallel_size": None},
     ),
 }
 

@@ -57,16 +57,45 @@ class ParallelLayout:
         world_size: int,
         tensor_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
-        pipeline_parallel_size: int = 1,
+        pipeline_parallel_size: int | None = 1,
         sequence_parallel: bool = False,
+        devices_per_node: int | None = None,
     ) -> ParallelLayout:
-        """Fill in whichever of dp / tp is ``None`` so that the product matches ``world_size``.
+        """Fill in whichever sizes are ``None`` so that the product matches ``world_size``.
 
-        With both unset, every rank goes to tensor parallel (``strategy="tp"`` on N devices means tp=N).
+        * tp and dp unset (pp given): every rank left after pp goes to tensor parallel (``strategy="tp"``
+          on N devices means tp=N; ``strategy="pp"`` means pp=N).
+        * tp and pp both unset (``strategy="tp_pp"``): tensor parallel fills a node, up to 8 ranks and at
+          most half the ranks, then pipeline parallel takes the rest: ``tp = min(8, devices_per_node,
+          world / dp / 2)``, ``pp = world / dp / tp``. 4 devices: tp=2, pp=2; 8: tp=4, pp=2;
+          16 on 2 nodes of 8: tp=8, pp=2; 32: tp=8, pp=4.
         """
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size={world_size!r} is not valid: it must be an integer >= 1.")
         pp = pipeline_parallel_size
+        if pp is None and tensor_parallel_size is None:
+            dp = data_parallel_size or 1
+            if world_size % dp or world_size // dp < 2:
+                raise ValueError(
+                    f"the tensor x pipeline preset needs at least 2 processes per data-parallel replica, but "
+                    f"{world_size} processes / data_parallel_size {dp} leaves {world_size / dp:g}; start more "
+                    f"processes or set tensor_parallel_size and pipeline_parallel_size explicitly."
+                )
+            per_replica = world_size // dp
+            tp = min(8, devices_per_node or per_replica, per_replica // 2)
+            while per_replica % tp:
+                tp -= 1
+            return cls.from_world_size(
+                world_size, tp, data_parallel_size, per_replica // tp, sequence_parallel, devices_per_node
+            )
+        if pp is None:
+            known = (tensor_parallel_size or 1) * (data_parallel_size or 1)
+            if world_size % known:
+                raise ValueError(
+                    f"tensor_parallel_size x data_parallel_size = {known} does not divide the number of "
+                    f"processes ({world_size}); valid products: {_divisors(world_size)}."
+                )
+            pp = world_size // known
         if pp < 1 or world_size % pp:
             raise ValueError(
                 f"pipeline_parallel_size={pp} does not divide the number of processes ({world_size}); "

@@ -41,17 +41,34 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 
 from lightning_par.layout import ParallelLayout, default_backend
+from lightning_par.pipeline import (
+    PipelineRunner,
+    check_schedule,
+    plan_stages,
+    prune_network,
+    stages_per_rank,
+)
 from lightning_par.tensor_parallel import Replicated
 
 
 class HybridParallelStrategy(ModelParallelStrategy):
-    """Tensor (+ sequence) and data parallelism on one DeviceMesh, for models that follow the protocol.
+    """Tensor (+ sequence), pipeline and data parallelism on one DeviceMesh, for models that follow the protocol.
 
     Args:
         tensor_parallel_size: ranks that split each layer. ``None``: every process not used by data or
-            pipeline parallel.
+            pipeline parallel (with ``pipeline_parallel_size=None`` too: the tp x pp preset, see
+            :meth:`ParallelLayout.from_world_size`).
         data_parallel_size: model replicas. ``None``: whatever is left after tp and pp.
-        pipeline_parallel_size: pipeline stages (1 until pipeline parallel lands).
+        pipeline_parallel_size: pipeline ranks. ``None``: whatever is left after tp and dp.
+        pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"interleaved_zero_bubble"`` or
+            ``"zbv"`` (torch.distributed.pipelining schedules).
+        num_microbatches: microbatches per batch under pipeline parallel (the batch size must be a multiple;
+            a shorter last batch is padded with ignored rows). ``None``: one per pipeline stage.
+        virtual_pipeline_size: stages per rank for the interleaved schedules (``None``: 2; ZBV always 2).
+        pipeline_stage_boundaries: the first layer of every stage but the first (``None``: balanced by
+            parameter count, the embedding on the first stage and the head on the last counted in).
+        pipeline_timeline: record each stage's forward, backward and idle time in the second training step,
+            draw it as a Gantt chart (PNG in the log directory) and log it with the bubble fraction.
         sequence_parallel: run LayerNorm, dropout and residuals on sequence shards (reduce-scatter /
             all-gather instead of all-reduce).
         tp_comm_chunks: split the batch into this many chunks inside the transformer blocks, so that one
@@ -64,9 +81,14 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self,
         tensor_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
-        pipeline_parallel_size: int = 1,
+        pipeline_parallel_size: int | None = 1,
         sequence_parallel: bool = False,
         tp_comm_chunks: int = 1,
+        pipeline_schedule: str = "1f1b",
+        num_microbatches: int | None = None,
+        virtual_pipeline_size: int | None = None,
+        pipeline_stage_boundaries: list[int] | None = None,
+        pipeline_timeline: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -83,15 +105,24 @@ class HybridParallelStrategy(ModelParallelStrategy):
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid: it must be None or an integer >= 1.")
-        if not isinstance(pipeline_parallel_size, int) or pipeline_parallel_size < 1:
+        if pipeline_parallel_size is not None and (
+            not isinstance(pipeline_parallel_size, int)
+            or isinstance(pipeline_parallel_size, bool)
+            or pipeline_parallel_size < 1
+        ):
             raise ValueError(
-                f"pipeline_parallel_size={pipeline_parallel_size!r} is not valid: it must be an integer >= 1."
+                f"pipeline_parallel_size={pipeline_parallel_size!r} is not valid: it must be None or an "
+                f"integer >= 1."
             )
-        if pipeline_parallel_size != 1:
-            raise NotImplementedError(
-                f"pipeline_parallel_size={pipeline_parallel_size}: pipeline parallelism is not available yet; "
-                f"use pipeline_parallel_size=1."
-            )
+        # Schedule settings are checked now (Trainer(...)), against pp once the layout is known.
+        known_pp = pipeline_parallel_size or 1
+        default_m = known_pp * stages_per_rank(pipeline_schedule, virtual_pipeline_size)
+        check_schedule(
+            pipeline_schedule,
+            known_pp,
+            default_m if num_microbatches is None else num_microbatches,
+            virtual_pipeline_size,
+        )
         if not isinstance(tp_comm_chunks, int) or tp_comm_chunks < 1:
             raise ValueError(f"tp_comm_chunks={tp_comm_chunks!r} is not valid: it must be an integer >= 1.")
         self._tp_arg = tensor_parallel_size
@@ -99,19 +130,50 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._pp_arg = pipeline_parallel_size
         self.sequence_parallel = sequence_parallel
         self.tp_comm_chunks = tp_comm_chunks
+        self.pipeline_schedule = pipeline_schedule
+        self._microbatches_arg = num_microbatches
+        self.virtual_pipeline_size = virtual_pipeline_size
+        self.pipeline_stage_boundaries = pipeline_stage_boundaries
+        self.pipeline_timeline = pipeline_timeline
         self.layout: ParallelLayout | None = None
         self.last_grad_norm: Tensor | None = None
+        self.pipeline: PipelineRunner | None = None
+        self.timeline_summary: dict[str, Any] | None = None
+        # Tied parameters split between pipeline ranks: (names, group of the ranks holding them).
+        self._tied: list[tuple[list[str], dist.ProcessGroup]] = []
+        self._norm_duplicates: set[int] = set()
+        self._stashed_grads: list[tuple[Tensor, Tensor]] = []
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
         world = self.num_processes * self.num_nodes
-        return ParallelLayout.from_world_size(
+        layout = ParallelLayout.from_world_size(
             world,
             tensor_parallel_size=self._tp_arg,
             data_parallel_size=self._dp_arg,
             pipeline_parallel_size=self._pp_arg,
             sequence_parallel=self.sequence_parallel,
+            devices_per_node=self.num_processes,
         )
+        if layout.pp > 1:
+            check_schedule(
+                self.pipeline_schedule,
+                layout.pp,
+                self.num_microbatches_for(layout),
+                self.virtual_pipeline_size,
+            )
+        return layout
+
+    def num_microbatches_for(self, layout: ParallelLayout) -> int:
+        """``num_microbatches``, defaulting to one per pipeline stage."""
+        if self._microbatches_arg is not None:
+            return self._microbatches_arg
+        return layout.pp * stages_per_rank(self.pipeline_schedule, self.virtual_pipeline_size)
+
+    @property
+    def num_microbatches(self) -> int:
+        assert self.layout is not None
+        return self.num_microbatches_for(self.layout)
 
     def _configure_launcher(self) -> None:
         # Runs inside Trainer(...): check the layout before any process is started.
@@ -141,13 +203,22 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return self.device_mesh["tp"].get_group()
 
     @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh["pp"].get_group()
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         dp = self.device_mesh["dp"]
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
     def describe_layout(self) -> dict[str, Any]:
         assert self.layout is not None
-        return self.layout.describe(backend=self._process_group_backend)
+        info = self.layout.describe(backend=self._get_process_group_backend())
+        if self.layout.pp > 1:
+            info["pipeline_schedule"] = self.pipeline_schedule
+            info["num_microbatches"] = self.num_microbatches
+            info["stages_per_rank"] = stages_per_rank(self.pipeline_schedule, self.virtual_pipeline_size)
+        return info
 
     # ---- model setup --------------------------------------------------------------------------------
     @contextmanager
@@ -167,6 +238,13 @@ class HybridParallelStrategy(ModelParallelStrategy):
         check = getattr(module, "check_layout", None)
         if check is not None:
             check(layout.tp, layout.sequence_parallel)
+        if layout.pp > 1 and trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} cannot be combined with pipeline "
+                f"parallel: the schedule already accumulates gradients over its microbatches. Use "
+                f"num_microbatches={self.num_microbatches * trainer.accumulate_grad_batches} (with a batch "
+                f"{trainer.accumulate_grad_batches}x larger) and accumulate_grad_batches=1."
+            )
         if getattr(module, "_lp_parallelized", False) is False:
             self._parallelize(module)
             module._lp_parallelized = True
@@ -188,6 +266,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def _parallelize(self, module: nn.Module) -> None:
         layout = self.layout
         assert layout is not None
+        if layout.pp > 1:
+            self._split_pipeline(module)
         if layout.tp > 1:
             plan_fn = getattr(module, "tensor_parallel_plan", None)
             if plan_fn is None:
@@ -195,7 +275,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
                     f"tensor_parallel_size={layout.tp} needs the LightningModule to define "
                     f"`tensor_parallel_plan(sequence_parallel, comm_chunks)` (see the model protocol in the README)."
                 )
-            parallelize_module(module, self.tp_mesh, plan_fn(layout.sequence_parallel, self.tp_comm_chunks))
+            plan = _present(module, plan_fn(layout.sequence_parallel, self.tp_comm_chunks))
+            parallelize_module(module, self.tp_mesh, plan)
             post = getattr(module, "post_parallelize", None)
             if post is not None:
                 post()  # re-tie before anything else looks at the (replaced) parameters
@@ -209,6 +290,161 @@ class HybridParallelStrategy(ModelParallelStrategy):
             if init is None:
                 raise TypeError("The model was built on meta but has no `init_weights()` to fill it.")
             init()
+        if self._tied:
+            self._norm_duplicates = self._tied_copies(module)
+
+    # ---- pipeline parallel ----------------------------------------------------------------------------
+    def _split_pipeline(self, module: nn.Module) -> None:
+        """Keep only this rank's stages of the network (still on meta) and build the runner.
+
+        Parameters tied across stages that end up on different ranks (the GPT embedding and head) become
+        one copy per rank; :meth:`reduce_gradients` sums their gradients over the ranks that hold them.
+        """
+        layout = self.layout
+        assert layout is not None
+        network = getattr(module, "model", None)
+        if not isinstance(network, nn.Module):
+            raise TypeError(
+                f"pipeline_parallel_size={layout.pp} needs the LightningModule to keep its network in "
+                f"`self.model` (built in configure_model) following the model protocol (see the README)."
+            )
+        pp_rank = self.device_mesh["pp"].get_local_rank()
+        plans = [
+            plan_stages(
+                network,
+                self.pipeline_schedule,
+                layout.pp,
+                r,
+                self.virtual_pipeline_size,
+                self.pipeline_stage_boundaries,
+            )
+            for r in range(layout.pp)
+        ]
+        tie_groups = _tied_names(module)
+        prune_network(network, plans[pp_rank])
+        self._tied = []
+        for names in tie_groups:
+            holders = sorted({r for r in range(layout.pp) for n in names if _kept(n, plans[r])})
+            if len(holders) < 2:
+                continue
+            group = None
+            mesh = self.device_mesh.mesh  # [pp, dp, tp] global ranks
+            for d in range(layout.dp):
+                for t in range(layout.tp):
+                    ranks = [int(mesh[r, d, t]) for r in holders]
+                    g = dist.new_group(ranks)  # every rank takes part in creating every group
+                    if dist.get_rank() in ranks:
+                        group = g
+            if group is not None:
+                self._tied.append((names, group))
+        self.pipeline = PipelineRunner(
+            network,
+            plans[pp_rank],
+            self.pipeline_schedule,
+            self.num_microbatches,
+            self.pp_group,
+            self.root_device,
+        )
+
+    def _tied_copies(self, module: nn.Module) -> set[int]:
+        """Ids of this rank's copies of tied parameters whose first name lives on another rank.
+
+        Those copies hold the same numbers as the first one, so the gradient norm counts them once.
+        """
+        params = dict(module.named_parameters())
+        return {
+            id(params[n])
+            for names, _ in self._tied
+            for n in names[1:]
+            if n in params and names[0] not in params
+        }
+
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """Under pipeline parallel the schedule already ran every backward: only the hooks run here."""
+        if self.pipeline is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        assert self.lightning_module is not None
+        for p, grad in self._stashed_grads:
+            p.grad = grad
+        self._stashed_grads = []
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        record = (
+            self.pipeline is not None
+            and self.pipeline_timeline
+            and self.lightning_module.global_step
+            == min(1, max(0, self.lightning_module.trainer.max_steps - 1))
+        )
+        if self.pipeline is not None:
+            self.pipeline.record_timeline = record
+        if self.pipeline is not None and self.lightning_module.automatic_optimization:
+            # The schedule accumulates into .grad during training_step, before Lightning's zero_grad.
+            for p in self.lightning_module.parameters():
+                p.grad = None
+        out = super().training_step(*args, **kwargs)
+        if self.pipeline is not None:
+            # Lightning zeroes gradients between training_step and backward; the schedule has already
+            # made them, so they wait aside until backward() puts them back.
+            self._stashed_grads = [
+                (p, p.grad) for p in self.lightning_module.parameters() if p.grad is not None
+            ]
+            for p, _ in self._stashed_grads:
+                p.grad = None
+        if record:
+            self.pipeline.record_timeline = False
+            self._report_timeline()
+        return out
+
+    def _report_timeline(self) -> None:
+        from lightning_par.timeline import draw_timeline, summarize_timeline
+
+        assert self.pipeline is not None and self.layout is not None
+        events: list[Any] = [None] * self.layout.pp
+        dist.all_gather_object(events, self.pipeline.last_timeline or [], group=self.pp_group)
+        v = stages_per_rank(self.pipeline_schedule, self.virtual_pipeline_size)
+        summary = summarize_timeline(events, self.layout.pp, self.num_microbatches, v)
+        summary["schedule"] = self.pipeline_schedule
+        self.timeline_summary = summary
+        trainer = self.lightning_module.trainer
+        directory = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
+        if dist.get_rank() != 0:
+            return
+        path = draw_timeline(events, summary, f"{directory}/pipeline_timeline.png")
+        summary["png"] = path
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {
+                    "pipeline/bubble_measured": summary["bubble_measured"],
+                    "pipeline/bubble_theory": summary["bubble_theory"],
+                },
+                step=trainer.global_step,
+            )
+            log_image = getattr(logger, "log_image", None)
+            if log_image is not None:
+                caption = (
+                    f"{self.pipeline_schedule}: bubble {summary['bubble_measured']:.3f} measured, "
+                    f"{summary['bubble_theory']:.3f} theory"
+                )
+                log_image("pipeline/timeline", images=[path], caption=[caption], step=trainer.global_step)
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """Refuse, before the first step, a batch size that does not split into the microbatches."""
+        batch_size = getattr(dataloader, "batch_size", None)
+        if self.pipeline is not None and isinstance(batch_size, int) and batch_size % self.num_microbatches:
+            m = self.num_microbatches
+            raise ValueError(
+                f"batch size {batch_size} (per data-parallel rank) is not divisible by num_microbatches={m}; "
+                f"use a batch size that is a multiple of {m} (e.g. {max(m, batch_size - batch_size % m)}) or a "
+                f"num_microbatches that divides {batch_size}."
+            )
+        return super().process_dataloader(dataloader)
 
     # ---- the optimizer step ------------------------------------------------------------------------
     def optimizer_step(
@@ -236,19 +472,28 @@ class HybridParallelStrategy(ModelParallelStrategy):
             _bucket_all_reduce(partial, self.tp_group, scale=1.0)
         if self.layout.dp > 1:
             _bucket_all_reduce([_local(p.grad) for p in params], self.dp_group, scale=1.0 / self.layout.dp)
+        if self._tied:
+            # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
+            # one part of its gradient on each: sum them, so both copies take the same step.
+            named = dict(self.lightning_module.named_parameters())
+            for names, group in self._tied:
+                grads = [_local(named[n].grad) for n in names if n in named and named[n].grad is not None]
+                _bucket_all_reduce(grads, group, scale=1.0)
 
     @torch.no_grad()
     def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         """The gradient norm of the whole (unsharded) model, each parameter counted once.
 
         Sharded parameters contribute their shard's squares, summed over tp; replicated ones are the same
-        on every tp rank and are added once, after the sum. Data-parallel replicas already agree.
+        on every tp rank and are added once, after the sum. Pipeline stages hold different parameters, so
+        their sums are added over pp, where the second copy of a tied weight is left out. Data-parallel
+        replicas already agree.
         """
         if norm_type != 2.0:
             raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
         sharded, replicated = [], []
         for p in params:
-            if p.grad is None:
+            if p.grad is None or id(p) in self._norm_duplicates:
                 continue
             g = p.grad
             if isinstance(g, DTensor) and not _is_replicated_dtensor(g):
@@ -259,7 +504,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         sq_sharded = _sum_squares(sharded, device)
         if self.layout is not None and self.layout.tp > 1:
             dist.all_reduce(sq_sharded, group=self.tp_group)
-        return (sq_sharded + _sum_squares(replicated, device)).sqrt()
+        total = sq_sharded + _sum_squares(replicated, device)
+        if self.layout is not None and self.layout.pp > 1:
+            dist.all_reduce(total, group=self.pp_group)
+        return total.sqrt()
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float | int) -> None:
         params = list(_optimizer_params(optimizer))
@@ -335,6 +583,40 @@ class TensorParallelStrategy(HybridParallelStrategy):
         )
 
 
+class PipelineParallelStrategy(HybridParallelStrategy):
+    """Pipeline parallel (torch.distributed.pipelining schedules) composed with data parallel.
+
+    ``Trainer(strategy="pp", devices=N)`` means pp=N with 1F1B and one microbatch per stage;
+    ``PipelineParallelStrategy(pipeline_parallel_size=2, pipeline_schedule="zbv", num_microbatches=8)``
+    sets them explicitly (data parallel takes the remaining processes).
+    """
+
+    def __init__(
+        self,
+        pipeline_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        pipeline_schedule: str = "1f1b",
+        num_microbatches: int | None = None,
+        virtual_pipeline_size: int | None = None,
+        pipeline_stage_boundaries: list[int] | None = None,
+        pipeline_timeline: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            tensor_parallel_size=1,
+            data_parallel_size=data_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            pipeline_schedule=pipeline_schedule,
+            num_microbatches=num_microbatches,
+            virtual_pipeline_size=virtual_pipeline_size,
+            pipeline_stage_boundaries=pipeline_stage_boundaries,
+            pipeline_timeline=pipeline_timeline,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -357,6 +639,37 @@ def _materialize_meta(module: nn.Module, device: torch.device) -> None:
                         empty = nn.Parameter(empty, requires_grad=t.requires_grad)
                     new[id(t)] = empty
                 store[name] = new[id(t)]
+
+
+def _present(module: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a tensor-parallel plan that name a module this rank holds (pipeline stages differ)."""
+    from fnmatch import fnmatch
+
+    names = [n for n, _ in module.named_modules()]
+    return {key: style for key, style in plan.items() if any(fnmatch(n, key) for n in names)}
+
+
+def _tied_names(module: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (tied weights), in registration order."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _kept(name: str, plan: Any) -> bool:
+    """Whether a pipeline rank with ``plan`` keeps parameter ``name`` of the protocol network ``model``."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != "model":
+        return True
+    part = parts[1]
+    if part == "embed":
+        return plan.has_first
+    if part in ("norm", "head"):
+        return plan.has_last
+    if part == "layers":
+        return int(parts[2]) in plan.owned_layers()
+    return True
 
 
 def _is_replicated_dtensor(t: Tensor) -> bool:

@@ -159,6 +159,11 @@ class GPTNetwork(nn.Module):
             logits = logits[..., : self.cfg.vocab_size]
         return vocab_parallel_cross_entropy(logits, shifted, info)
 
+    @staticmethod
+    def count_loss_tokens(labels: Tensor) -> Tensor:
+        """The number of tokens :meth:`loss_fn` counts (known before any stage runs: pipeline scaling)."""
+        return (labels[:, 1:] != -100).sum()
+
     # ---- initialisation: same numbers on every layout ---------------------------------------------
     def init_std(self, name: str) -> float | None:
         """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer); None: constant."""
@@ -174,6 +179,8 @@ class GPTNetwork(nn.Module):
         """Every rank draws the whole tensor (so the numbers do not depend on the layout); the caller slices."""
 
         def source(name: str, shape: torch.Size, shard: Shard | None = None) -> Tensor:
+            if name == "head.weight" and self.cfg.tie_embeddings:
+                name = "embed.wte.weight"  # a pipeline rank holding only the head: same numbers as the tie
             std = self.init_std(name)
             if std is None:
                 fill = 1.0 if name.endswith("weight") else 0.0
@@ -328,7 +335,9 @@ class GPT(L.LightningModule):
             **block_tp_plan("model.layers.*", sequence_parallel, comm_chunks),
             "model.norm": Replicated(**kw),
         }
-        if not self.config.tie_embeddings:
+        assert self.model is not None
+        if not self.config.tie_embeddings or self.model.embed is None:
+            # Untied, or tied to an embedding on another pipeline rank: the head is sharded on its own.
             plan["model.head"] = VocabParallel(self.config.vocab_size, **kw)
         return plan
 
@@ -354,12 +363,35 @@ class GPT(L.LightningModule):
 
     # ---- forward / steps --------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits ``[B, T, V_local]`` (this rank's vocabulary slice under tensor parallel)."""
+        """Logits ``[B, T, V_local]`` (this rank's vocabulary slice under tensor parallel).
+
+        Under pipeline parallel this runs every stage (forward only) and returns the logits on every rank.
+        """
+        return self._network_output(input_ids).transpose(0, 1)
+
+    def _network_output(self, input_ids: Tensor) -> Tensor:
         assert self.model is not None, "call configure_model() first"
-        return self.model(input_ids).transpose(0, 1)
+        pipeline = self._pipeline()
+        if pipeline is not None:
+            return pipeline.forward((input_ids,))
+        return self.model(input_ids)
+
+    def _pipeline(self) -> Any:
+        """The strategy's pipeline runner, when the model is split into pipeline stages."""
+        if self._trainer is None:
+            return None
+        return getattr(self._trainer.strategy, "pipeline", None)
 
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(loss_sum, num_tokens)`` of the batch.
+
+        Under pipeline parallel the schedule runs every microbatch through the stages (and, when training,
+        every backward), and the result is the same on every rank.
+        """
         assert self.model is not None
+        pipeline = self._pipeline()
+        if pipeline is not None:
+            return pipeline.loss((batch["input_ids"],), batch["labels"])
         logits = self.model(batch["input_ids"])
         return self.model.loss_fn(logits, batch["labels"])
 
@@ -443,9 +475,15 @@ class GPT(L.LightningModule):
         was_training = self.training
         self.eval()
         ids = input_ids
+        pipelined = self._pipeline() is not None
         for _ in range(max_new_tokens):
             ctx = ids[:, -self.config.block_size :]
-            logits = self.model(ctx)[-1]  # [B, V_local]
+            length = ctx.shape[1]
+            if pipelined:
+                # One shape for every step (the stages are built per shape): pad on the right, which a
+                # causal model never looks at.
+                ctx = F.pad(ctx, (0, self.config.block_size - length))
+            logits = self._network_output(ctx)[length - 1]  # [B, V_local]
             logits = gather_vocab(logits, self.model.head.tp if self.model.head is not None else None)
             logits = logits[:, : self.config.vocab_size].float() / max(temperature, 1e-5)
             if top_k is not None:
@@ -458,6 +496,9 @@ class GPT(L.LightningModule):
                 torch.distributed.broadcast(
                     nxt, src=torch.distributed.get_global_rank(info.group, 0), group=info.group
                 )
+            if pipelined:  # ... and every pipeline rank
+                pipeline = self._pipeline()
+                torch.distributed.broadcast(nxt, src=pipeline.last_stage_rank, group=pipeline.group)
             ids = torch.cat([ids, nxt], dim=1)
         self.train(was_training)
         return ids

@@ -77,11 +77,20 @@ def quiet_trainer(strategy: Any, devices: int, **kw: Any) -> L.Trainer:
 
 
 def trainer_run(
-    strategy: Any, devices: int, steps: int, batch_size: int, clip: float | None, data: Dataset
+    strategy: Any,
+    devices: int,
+    steps: int,
+    batch_size: int,
+    clip: float | None,
+    data: Dataset,
+    model_kw: dict | None = None,
 ) -> dict:
-    """Train ``GPT(**TINY)`` for ``steps`` with ``strategy``; return what rank 0 saw (full tensors)."""
+    """Train ``GPT(**TINY)`` for ``steps`` with ``strategy``; return what this rank saw (full tensors).
+
+    Under pipeline parallel a rank sees only its stages' parameters: merge ranks with :func:`merge_ranks`.
+    """
     L.seed_everything(SEED, verbose=False)
-    model = GPT(**TINY, **OPTIM)
+    model = GPT(**{**TINY, **(model_kw or {})}, **OPTIM)
     rec = Recorder()
     trainer = quiet_trainer(
         strategy,
@@ -103,10 +112,43 @@ def trainer_run(
     }
 
 
-def reference_run(steps: int, batch_size: int, clip: float | None, data: Dataset) -> dict:
+def merge_ranks(results: list[dict]) -> dict:
+    """One run's records from every rank, as one process would have them.
+
+    Pipeline ranks hold different parameters; tp and dp peers hold the same full tensors. The head tied
+    to the embedding is a separate copy on the last stage: it must equal the embedding (gradients after
+    the tie's sum, weights after every step) and is then dropped, as one process has a single tensor.
+    """
+    merged = {k: results[0][k] for k in ("losses", "norms")}
+    for key in ("grads", "clipped"):
+        steps = []
+        for step in range(len(results[0][key])):
+            union: dict[str, torch.Tensor] = {}
+            for r in results:
+                union.update(r[key][step])
+            steps.append(_untie(union, f"{key} step {step}"))
+        merged[key] = steps
+    union = {}
+    for r in results:
+        union.update(r["params"])
+    merged["params"] = _untie(union, "weights")
+    return merged
+
+
+def _untie(named: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    head, embed = named.get("model.head.weight"), named.get("model.embed.wte.weight")
+    if head is not None and embed is not None:
+        assert torch.equal(head, embed), f"{what}: the tied head and embedding differ"
+        named = {k: v for k, v in named.items() if k != "model.head.weight"}
+    return named
+
+
+def reference_run(
+    steps: int, batch_size: int, clip: float | None, data: Dataset, model_kw: dict | None = None
+) -> dict:
     """The same training in one process with plain PyTorch (the independent reference)."""
     L.seed_everything(SEED, verbose=False)
-    model = GPT(**TINY, **OPTIM)
+    model = GPT(**{**TINY, **(model_kw or {})}, **OPTIM)
     model.configure_model()
     opt = torch.optim.AdamW(model._param_groups(), lr=OPTIM["learning_rate"], betas=(0.9, 0.95))
     from lightning_par.models.gpt import warmup_cosine

@@ -1,0 +1,492 @@
+"""Pipeline parallelism: split a protocol model into stages and run torch's pipelining schedules on them.
+
+Where this sits in the flow (``pipeline_parallel_size > 1``):
+
+1. The strategy checks the schedule settings (:func:`check_schedule`) at ``Trainer(...)``.
+2. At setup, on the meta device, :func:`split_layers` assigns the model's layers to the global stages
+   (balanced by parameter count, the first stage also holding the embedding, the last the final norm,
+   head and loss), :func:`stage_placement` says which stages this pp rank runs (looped for plain and
+   interleaved schedules, V-shaped for ZBV), and :func:`prune_network` deletes what this rank does not
+   own. Parameter names stay global (``layers.7...`` on whichever rank owns layer 7).
+3. Tensor parallel is applied to what is left, exactly as without pipeline.
+4. Each step, :class:`PipelineRunner` runs the batch through ``torch.distributed.pipelining``: one
+   ``PipelineStage`` per local stage (a view sharing the network's modules) and the named schedule.
+
+What is ours and why (the rest is torch's): stage views over one network, so the LightningModule keeps a
+single model with global names; a schedule per batch shape (torch's stages infer shapes on their first
+step and keep them, so a validation batch of another length would break a training stage); padding of a
+short last batch to whole microbatches with ignored labels (the token-weighted loss does not change);
+the loss scaled by the whole batch's token count, and broadcast from the last stage; a forward-only path
+for predict that returns the outputs on every rank; and the optional per-stage timeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.microbatch import TensorChunkSpec
+
+SCHEDULES: dict[str, type] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+}
+"""Schedule names accepted by ``pipeline_schedule``."""
+
+INTERLEAVED = ("interleaved_1f1b", "interleaved_zero_bubble")
+ZERO_BUBBLE = ("interleaved_zero_bubble", "zbv")
+IGNORE_INDEX = -100
+
+
+def stages_per_rank(schedule: str, virtual_pipeline_size: int | None) -> int:
+    """How many pipeline stages each pp rank runs: 1, ``virtual_pipeline_size`` (default 2) or 2 (ZBV)."""
+    if schedule in INTERLEAVED:
+        return virtual_pipeline_size or 2
+    if schedule == "zbv":
+        return 2
+    return 1
+
+
+def check_schedule(
+    schedule: str, pipeline_parallel_size: int, num_microbatches: int, virtual_pipeline_size: int | None
+) -> None:
+    """Raise (naming the value and the valid choices) for settings torch's schedules cannot run."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline_schedule={schedule!r} is not known; valid choices: {sorted(SCHEDULES)}.")
+    if not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches!r} is not valid: it must be an integer >= 1.")
+    v = virtual_pipeline_size
+    if v is not None:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"virtual_pipeline_size={v!r} is not valid: it must be None or an integer >= 1.")
+        if schedule == "zbv" and v != 2:
+            raise ValueError(
+                f"virtual_pipeline_size={v} does not fit pipeline_schedule='zbv', which always runs 2 stages "
+                f"per rank (V shape); use virtual_pipeline_size=None or 2."
+            )
+        if schedule not in (*INTERLEAVED, "zbv") and v != 1:
+            raise ValueError(
+                f"virtual_pipeline_size={v} needs an interleaved schedule; valid pipeline_schedule values "
+                f"with virtual stages: {list(INTERLEAVED)} (or 'zbv', which uses 2)."
+            )
+    p, m = pipeline_parallel_size, num_microbatches
+    if schedule == "1f1b" and m < p:
+        raise ValueError(
+            f"num_microbatches={m} is fewer than the {p} pipeline stages: 1F1B needs num_microbatches >= "
+            f"pipeline_parallel_size ({p}); use more microbatches or pipeline_schedule='gpipe'."
+        )
+    if schedule in INTERLEAVED:
+        rounds = max(1, m // p)
+        if m % rounds:
+            valid = [k for k in range(p, 4 * p + 1, p)]
+            raise ValueError(
+                f"num_microbatches={m} does not suit pipeline_schedule={schedule!r} with "
+                f"pipeline_parallel_size={p}: it must be a multiple of num_microbatches // {p} "
+                f"(for example one of {valid})."
+            )
+
+
+def stage_placement(
+    schedule: str, pipeline_parallel_size: int, virtual_pipeline_size: int | None
+) -> list[list[int]]:
+    """The global stage indices each pp rank runs, in the order torch's schedules expect.
+
+    Looped placement (rank ``r`` runs ``r, r + p, ...``) for single-stage and interleaved schedules; the V
+    shape of ZBV (rank ``r`` runs ``r`` and ``2p - 1 - r``), so the first and last stage share rank 0.
+    """
+    p = pipeline_parallel_size
+    v = stages_per_rank(schedule, virtual_pipeline_size)
+    if schedule == "zbv":
+        return [[r, 2 * p - 1 - r] for r in range(p)]
+    return [[r + i * p for i in range(v)] for r in range(p)]
+
+
+def split_layers(
+    layer_costs: Sequence[float],
+    num_stages: int,
+    first_cost: float = 0.0,
+    last_cost: float = 0.0,
+    boundaries: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Contiguous layer indices per stage.
+
+    With ``boundaries`` (the first layer of every stage but the first, increasing) the split is taken as
+    given. Otherwise the split minimises the most expensive stage, where a stage costs the sum of its
+    layers plus ``first_cost`` (stage 0: embeddings) or ``last_cost`` (last stage: norm, head, loss).
+    Every stage gets at least one layer.
+    """
+    n = len(layer_costs)
+    if num_stages > n:
+        raise ValueError(
+            f"{num_stages} pipeline stages cannot split {n} layers: every stage needs at least one layer; "
+            f"use at most {n} stages (pipeline_parallel_size x virtual stages)."
+        )
+    if boundaries is not None:
+        bounds = list(boundaries)
+        ok = (
+            len(bounds) == num_stages - 1
+            and all(isinstance(b, int) for b in bounds)
+            and all(a < b for a, b in zip([0, *bounds], [*bounds, n], strict=True))
+        )
+        if not ok:
+            raise ValueError(
+                f"pipeline_stage_boundaries={bounds} is not valid: give {num_stages - 1} increasing layer indices "
+                f"in 1..{n - 1} (the first layer of each stage after the first)."
+            )
+        edges = [0, *bounds, n]
+        return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(stage: int, a: int, b: int) -> float:
+        extra = (first_cost if stage == 0 else 0.0) + (last_cost if stage == num_stages - 1 else 0.0)
+        return prefix[b] - prefix[a] + extra
+
+    # best[s][i]: the smallest possible maximum stage cost when stages 0..s-1 hold layers 0..i-1.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n - (num_stages - s) + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], cost(s - 1, j, i))
+                if value < best[s][i] - 1e-12:
+                    best[s][i], cut[s][i] = value, j
+    edges = [n]
+    for s in range(num_stages, 0, -1):
+        edges.append(cut[s][edges[-1]])
+    edges.reverse()
+    return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def network_costs(network: nn.Module) -> tuple[list[float], float, float]:
+    """(per-layer cost, first-stage extra, last-stage extra), in parameters that a matmul multiplies.
+
+    Compute per token is about proportional to the matrix parameters a token passes through. Embedding
+    lookups cost next to nothing; the head is a matmul over the vocabulary (and the loss reads its output).
+    """
+
+    def numel(module: nn.Module | None) -> float:
+        return float(sum(p.numel() for p in module.parameters())) if module is not None else 0.0
+
+    layers = [numel(layer) for layer in network.layers.values()]
+    head = getattr(network, "head", None)
+    last = numel(getattr(network, "norm", None)) + (float(head.weight.numel()) if head is not None else 0.0)
+    return layers, 0.0, last
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one pp rank runs: its global stages and the layers each holds."""
+
+    num_stages: int
+    stages: tuple[int, ...]
+    layers: dict[int, list[int]]
+    """global stage index -> layer indices."""
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def has_last(self) -> bool:
+        return self.num_stages - 1 in self.stages
+
+    def owned_layers(self) -> list[int]:
+        return sorted(i for s in self.stages for i in self.layers[s])
+
+
+def plan_stages(
+    network: nn.Module,
+    schedule: str,
+    pipeline_parallel_size: int,
+    pp_rank: int,
+    virtual_pipeline_size: int | None,
+    boundaries: Sequence[int] | None = None,
+) -> StagePlan:
+    """Assign layers to stages and stages to this rank (checks the model against the settings)."""
+    _check_protocol(network)
+    p = pipeline_parallel_size
+    v = stages_per_rank(schedule, virtual_pipeline_size)
+    num_stages = p * v
+    n_layer = len(network.layers)
+    if p > n_layer:
+        raise ValueError(
+            f"pipeline_parallel_size={p} is more than the model's {n_layer} layers; valid values: 1..{n_layer}."
+        )
+    if v > 1 and n_layer % num_stages:
+        valid = [k for k in range(1, n_layer + 1) if n_layer % (p * k) == 0]
+        raise ValueError(
+            f"virtual_pipeline_size={v} with pipeline_parallel_size={p} makes {num_stages} stages, which do not "
+            f"divide the model's {n_layer} layers; valid virtual_pipeline_size here: {valid}."
+        )
+    costs, first, last = network_costs(network)
+    per_stage = split_layers(costs, num_stages, first, last, boundaries)
+    keys = list(network.layers.keys())
+    placement = stage_placement(schedule, p, virtual_pipeline_size)
+    layers = {s: [int(keys[i]) for i in idx] for s, idx in enumerate(per_stage)}
+    return StagePlan(num_stages=num_stages, stages=tuple(placement[pp_rank]), layers=layers)
+
+
+def _check_protocol(network: nn.Module) -> None:
+    if not isinstance(getattr(network, "layers", None), nn.ModuleDict):
+        raise TypeError(
+            f"pipeline parallel needs the network ({type(network).__name__}) to keep its blocks in "
+            f"`layers: nn.ModuleDict` keyed by global layer index, with optional `embed`, `norm` and `head` "
+            f"(see the model protocol in the README)."
+        )
+
+
+def prune_network(network: nn.Module, plan: StagePlan) -> None:
+    """Delete every part this rank does not own; shared parameters stay shared among what remains."""
+    owned = {str(i) for i in plan.owned_layers()}
+    for key in list(network.layers.keys()):
+        if key not in owned:
+            del network.layers[key]
+    if not plan.has_first and getattr(network, "embed", None) is not None:
+        network.embed = None
+    if not plan.has_last:
+        for name in ("norm", "head"):
+            if getattr(network, name, None) is not None:
+                setattr(network, name, None)
+
+
+def stage_view(network: nn.Module, layers: Sequence[int], first: bool, last: bool) -> nn.Module:
+    """A shallow copy of ``network`` that runs only ``layers`` (plus embed / norm and head at the ends).
+
+    The view shares every submodule and parameter with ``network``; its ``forward`` is the network's own,
+    which skips the parts that are absent (the model protocol).
+    """
+    view = copy.copy(network)
+    view._modules = dict(network._modules)
+    view.layers = nn.ModuleDict({str(i): network.layers[str(i)] for i in layers})
+    if not first:
+        view.embed = None
+    if not last:
+        view.norm = None
+        view.head = None
+    return view
+
+
+# ---- running a schedule ------------------------------------------------------------------------------
+@dataclass
+class TimelineEvent:
+    kind: str  # "F", "B" (full or input backward), "W" (weight backward)
+    stage: int
+    microbatch: int
+    start: float
+    end: float
+
+
+@dataclass
+class _Entry:
+    stages: list[PipelineStage]
+    schedule: Any
+    events: list[TimelineEvent] = field(default_factory=list)
+
+
+class PipelineRunner:
+    """Runs whole batches through this rank's stages with one of torch's schedules.
+
+    Args:
+        network: the (pruned) network; its ``loss_fn(output, labels) -> (loss_sum, num_tokens)`` gives the
+            loss on the last stage, and ``count_loss_tokens(labels)`` (optional) the number of tokens it
+            counts, so every microbatch's loss can be divided by the whole batch's count.
+        plan: this rank's stages.
+        schedule: a name from :data:`SCHEDULES`.
+        num_microbatches: microbatches per batch.
+        group: the pipeline process group (ranks that hold the other stages of this model replica).
+        device: the device the stages compute on.
+        output_batch_dim: the batch dimension of the stage outputs (1: sequence-first activations).
+        max_cached_shapes: schedules kept per mode; a batch of a new shape builds new stages.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        plan: StagePlan,
+        schedule: str,
+        num_microbatches: int,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        output_batch_dim: int = 1,
+        max_cached_shapes: int = 4,
+    ) -> None:
+        self.network = network
+        self.plan = plan
+        self.schedule_name = schedule
+        self.num_microbatches = num_microbatches
+        self.group = group
+        self.device = device
+        self.output_batch_dim = output_batch_dim
+        self.max_cached_shapes = max_cached_shapes
+        self.views = {
+            s: stage_view(network, plan.layers[s], s == 0, s == plan.num_stages - 1) for s in plan.stages
+        }
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._loss_scale: Tensor | None = None
+        self.record_timeline = False
+        self.last_timeline: list[TimelineEvent] | None = None
+        # The pp rank that holds the last stage broadcasts the loss (rank 0 under ZBV's V shape).
+        last_owner = next(
+            r
+            for r, stages in enumerate(stage_placement(schedule, dist.get_world_size(group), _v(plan)))
+            if plan.num_stages - 1 in stages
+        )
+        self.last_stage_rank = dist.get_global_rank(group, last_owner)
+
+    # ---- public entry points -------------------------------------------------------------------------
+    def loss(self, args: Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss_sum, num_tokens)`` of the whole batch, the same on every pp rank.
+
+        In training mode with gradients enabled the schedule also runs every backward, leaving the
+        gradients of ``loss_sum / num_tokens`` in this rank's parameters.
+        """
+        train = torch.is_grad_enabled() and self.network.training
+        args, labels, _ = self._pad(list(args), labels)
+        num_tokens = self._count_tokens(labels)
+        self._loss_scale = 1.0 / num_tokens.clamp(min=1).to(torch.float32)
+        entry = self._entry("train" if train else "eval", args, labels)
+        losses: list[Tensor] = []
+        call = entry.schedule.step if train else entry.schedule.eval
+        kwargs: dict[str, Any] = {"target": labels if self.plan.has_last else None, "losses": losses}
+        if train:
+            kwargs["return_outputs"] = False
+        self._run(entry, call, args, kwargs)
+        mean = torch.stack([t.detach().float() for t in losses]).sum() if losses else torch.zeros(())
+        out = torch.stack([mean.to(self.device), num_tokens.to(self.device, torch.float32)])
+        dist.broadcast(out, src=self.last_stage_rank, group=self.group)
+        return out[0] * out[1], out[1]
+
+    @torch.no_grad()
+    def forward(self, args: Sequence[Tensor]) -> Tensor:
+        """The last stage's output for the whole batch (forward only), returned on every pp rank."""
+        args, _, real_rows = self._pad(list(args), None)
+        entry = self._entry("predict", args, None)
+        output = self._run(entry, entry.schedule.eval, args, {})
+        meta = torch.zeros(8, dtype=torch.int64, device=self.device)
+        if self.plan.has_last:
+            meta[0] = output.ndim
+            meta[1 : 1 + output.ndim] = torch.tensor(output.shape)
+            meta[7] = _DTYPES.index(output.dtype)
+        dist.broadcast(meta, src=self.last_stage_rank, group=self.group)
+        if not self.plan.has_last:
+            shape = meta[1 : 1 + int(meta[0])].tolist()
+            output = torch.empty(shape, dtype=_DTYPES[int(meta[7])], device=self.device)
+        output = output.contiguous()
+        dist.broadcast(output, src=self.last_stage_rank, group=self.group)
+        return output.narrow(self.output_batch_dim, 0, real_rows)
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _run(self, entry: _Entry, call: Callable, args: list[Tensor], kwargs: dict) -> Any:
+        entry.events.clear()
+        result = call(*(args if self.plan.has_first else ()), **kwargs)
+        if self.record_timeline:
+            self.last_timeline = list(entry.events)
+        return result
+
+    def _count_tokens(self, labels: Tensor) -> Tensor:
+        count = getattr(self.network, "count_loss_tokens", None)
+        return count(labels) if count is not None else (labels != IGNORE_INDEX).sum()
+
+    def _pad(self, args: list[Tensor], labels: Tensor | None) -> tuple[list[Tensor], Tensor | None, int]:
+        """Pad the batch to a multiple of ``num_microbatches`` rows (a short last batch).
+
+        Padded rows have token 0 and ignored labels: they add nothing to the loss or the gradients.
+        """
+        rows = args[0].shape[0]
+        m = self.num_microbatches
+        extra = -rows % m
+        if extra:
+            args = [torch.cat([a, a.new_zeros((extra, *a.shape[1:]))]) for a in args]
+            if labels is not None:
+                labels = torch.cat([labels, labels.new_full((extra, *labels.shape[1:]), IGNORE_INDEX)])
+        return args, labels, rows
+
+    def _entry(self, mode: str, args: list[Tensor], labels: Tensor | None) -> _Entry:
+        key = (
+            mode,
+            torch.is_inference_mode_enabled(),
+            tuple((tuple(a.shape), a.dtype) for a in args),
+            None if labels is None else tuple(labels.shape),
+        )
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._cache.move_to_end(key)
+            return entry
+        # Every pp rank sees batches of the same shapes in the same order, so all build and evict alike.
+        stages = [
+            PipelineStage(self.views[s], s, self.plan.num_stages, self.device, group=self.group)
+            for s in self.plan.stages
+        ]
+        entry = _Entry(stages=stages, schedule=None)
+        for stage in stages:
+            self._instrument(stage, entry)
+        cls = SCHEDULES[self.schedule_name]
+        loss_fn = None if mode == "predict" else self._loss_fn
+        kw: dict[str, Any] = {
+            "n_microbatches": self.num_microbatches,
+            "loss_fn": loss_fn,
+            "output_merge_spec": TensorChunkSpec(self.output_batch_dim),
+            "scale_grads": False,
+        }
+        entry.schedule = cls(stages if len(stages) > 1 else stages[0], **kw)
+        self._cache[key] = entry
+        while sum(1 for k in self._cache if k[0] == mode) > self.max_cached_shapes:
+            oldest = next(k for k in self._cache if k[0] == mode)
+            del self._cache[oldest]
+        return entry
+
+    def _loss_fn(self, output: Tensor, labels: Tensor) -> Tensor:
+        loss_sum, _ = self.network.loss_fn(output, labels)
+        assert self._loss_scale is not None
+        return loss_sum * self._loss_scale.to(loss_sum.device)
+
+    def _instrument(self, stage: PipelineStage, entry: _Entry) -> None:
+        """Time this stage's forward and backward calls when ``record_timeline`` is on."""
+
+        def wrap(name: str, kind: str) -> None:
+            inner = getattr(stage, name)
+
+            def timed(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+                if not self.record_timeline:
+                    return inner(chunk_id, *args, **kwargs)
+                start = time.time()  # wall clock: comparable between processes
+                try:
+                    return inner(chunk_id, *args, **kwargs)
+                finally:
+                    entry.events.append(TimelineEvent(kind, stage.stage_index, chunk_id, start, time.time()))
+
+            setattr(stage, name, timed)
+
+        wrap("forward_one_chunk", "F")
+        wrap("backward_one_chunk", "B")
+        wrap("backward_weight_one_chunk", "W")
+
+
+def _v(plan: StagePlan) -> int:
+    return len(plan.stages)
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
