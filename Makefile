@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/lightning-par fit --config configs/gpt_tp.yaml
+	$(BIN)/lightning-par fit --config configs/gpt_tp_pp.yaml
 
 test: $(STAMP)
 	$(BIN)/pytest -q

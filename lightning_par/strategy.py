@@ -376,11 +376,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return closure_loss
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        # The timeline is taken at the second step (the first also builds the stages), or the only one.
+        timeline_step = 0 if self.lightning_module.trainer.max_steps in (0, 1) else 1
         record = (
             self.pipeline is not None
             and self.pipeline_timeline
-            and self.lightning_module.global_step
-            == min(1, max(0, self.lightning_module.trainer.max_steps - 1))
+            and self.lightning_module.global_step == timeline_step
         )
         if self.pipeline is not None:
             self.pipeline.record_timeline = record

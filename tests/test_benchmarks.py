@@ -27,3 +27,15 @@ def test_tp_speed_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tp2 time split:" in proc.stdout
     assert "tp2 / lightning_mp:" in proc.stdout
+
+
+def test_pp_speed_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pp_speed.py"), "--smoke", "--schedules", "1f1b,zbv"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pp=2 1f1b" in proc.stdout and "pp=2 zbv" in proc.stdout

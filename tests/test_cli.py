@@ -23,8 +23,8 @@ def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Completed
     return subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("config", ["gpt_tp.yaml"])
-def test_cli_fit_runs_config(tmp_path, config):
+@pytest.mark.parametrize(("config", "n_layer"), [("gpt_tp.yaml", 1), ("gpt_tp_pp.yaml", 2)])
+def test_cli_fit_runs_config(tmp_path, config, n_layer):
     proc = _run(
         [
             "fit",
@@ -39,7 +39,7 @@ def test_cli_fit_runs_config(tmp_path, config):
             "--trainer.limit_val_batches",
             "2",
             "--model.n_layer",
-            "1",
+            str(n_layer),
             "--model.n_embd",
             "64",
             "--data.init_args.max_tokens",
@@ -68,8 +68,16 @@ def test_cli_fit_runs_config(tmp_path, config):
         b"n_layer",
     ):
         assert key in log, f"{key!r} not recorded in the W&B run"
-    ckpt = tmp_path / "runs" / "checkpoints" / "gpt_tp" / "last.ckpt"
+    ckpt = tmp_path / "runs" / "checkpoints" / config.removesuffix(".yaml") / "last.ckpt"
     assert ckpt.is_dir() and any(ckpt.iterdir()), "no sharded checkpoint written"
+    if "pp" in config:  # the pipeline timeline of step 2, drawn and logged with its bubble
+        assert (tmp_path / "runs" / "pipeline_timeline.png").stat().st_size > 1000
+        assert b"pipeline/bubble_measured" in log and b"pipeline_schedule" in log
+
+
+def test_every_shipped_config_is_tested():
+    tested = {"gpt_tp.yaml", "gpt_tp_pp.yaml"}
+    assert {p.name for p in (ROOT / "configs").glob("*.yaml")} == tested
 
 
 def test_cli_print_config_is_complete_and_rerunnable(tmp_path):

@@ -185,6 +185,7 @@ def _shapes_and_outputs(rank: int, world: int) -> dict:
     out["steps"] = trainer.global_step
     val_data = FixedBatches(6, 8, TINY["vocab_size"], seed=4)
     out["val"] = trainer.validate(model, DataLoader(val_data, batch_size=4), verbose=False)[0]
+    out["test"] = trainer.test(model, DataLoader(val_data, batch_size=4), verbose=False)[0]
     preds = trainer.predict(model, DataLoader([val_data[i]["input_ids"] for i in range(6)], batch_size=4))
     out["pred"] = [p.detach().clone() for p in preds]
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -198,6 +199,12 @@ def _pp2_checks(rank: int, world: int, schedules: list[str], tmp: str) -> dict:
     for schedule in schedules:
         strategy = lightning_par.PipelineParallelStrategy(pipeline_schedule=schedule, num_microbatches=MICRO)
         out["parity"][schedule] = trainer_run(strategy, world, STEPS, BATCH, 0.05, _data(), FOUR_LAYERS)
+    # An explicit split: layer 0 alone on the first stage, layers 1-3 with the head on the last.
+    strategy = lightning_par.PipelineParallelStrategy(num_microbatches=MICRO, pipeline_stage_boundaries=[1])
+    out["parity"]["boundaries"] = trainer_run(strategy, world, STEPS, BATCH, 0.05, _data(), FOUR_LAYERS)
+    out["boundary_layers"] = sorted(
+        {int(n.split(".")[2]) for n in out["parity"]["boundaries"]["params"] if ".layers." in n}
+    )
     out["shapes"] = _shapes_and_outputs(rank, world)
     out["in_flight"] = {s: _count_in_flight(world, s, 8) for s in ("1f1b", "gpipe")}
 
@@ -260,8 +267,12 @@ def test_pp2_every_schedule_shapes_memory_timeline(tmp_path):
     schedules = list(SCHEDULES)
     results = run_distributed(_pp2_checks, 2, schedules, str(tmp_path), init_process_group=False, timeout=240)
 
-    # 1. Parity: loss, gradients before and after clipping, grad norm and weights, for every schedule.
-    for schedule in schedules:
+    # 1. Parity: loss, gradients before and after clipping, grad norm and weights, for every schedule
+    #    (and an explicit stage split). The logged loss and the norm are the same on both stages.
+    assert results[0]["boundary_layers"] == [0] and results[1]["boundary_layers"] == [1, 2, 3]
+    for schedule in [*schedules, "boundaries"]:
+        assert results[0]["parity"][schedule]["losses"] == results[1]["parity"][schedule]["losses"]
+        assert results[0]["parity"][schedule]["norms"] == results[1]["parity"][schedule]["norms"]
         got = merge_ranks([r["parity"][schedule] for r in results])
         ref = reference_run(STEPS, BATCH, 0.05, _data(), FOUR_LAYERS)
         assert ref["norms"][0] > 0.05, "clipping must be active for the norm to be tested"
@@ -278,6 +289,7 @@ def test_pp2_every_schedule_shapes_memory_timeline(tmp_path):
         torch.testing.assert_close(params["params"][name], value, rtol=RTOL, atol=1e-5, msg=name)
     for s in shapes:  # identical on both stages
         assert s["val"]["val/loss"] == pytest.approx(ref["val"]["val/loss"], rel=1e-5)
+        assert s["test"]["test/loss"] == pytest.approx(ref["val"]["val/loss"], rel=1e-5)
         for p, q in zip(s["pred"], ref["pred"], strict=True):
             torch.testing.assert_close(p, q[..., : p.shape[-1]], rtol=1e-5, atol=1e-5)
         assert torch.equal(s["sample"], ref["sample"])
