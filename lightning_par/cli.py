@@ -2,6 +2,7 @@
 
 ``lightning-par fit --config configs/gpt_tp.yaml --trainer.max_steps 20 --model.n_layer 2`` trains from a
 YAML file with command-line overrides; ``--print_config`` prints a complete config that runs as is.
+``lightning-par export-hf CKPT_DIR OUT_DIR`` writes a Hugging Face directory from a sharded checkpoint.
 Importing ``lightning_par`` first registers the strategy names (``strategy: tp``) with Lightning.
 """
 
@@ -22,8 +23,31 @@ class ParallelCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
 
+def export_hf_main(args: list[str]) -> None:
+    """``lightning-par export-hf CKPT_DIR OUT_DIR``: one process, no training layout needed."""
+    import argparse
+
+    from lightning_par.checkpoint import export_hf
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-par export-hf",
+        description="Write a Hugging Face GPT-2 directory (config.json + safetensors) from a sharded checkpoint.",
+    )
+    parser.add_argument(
+        "checkpoint_dir", help="a checkpoint directory written by the strategy (e.g. last.ckpt)"
+    )
+    parser.add_argument("out_dir", help="a new (or empty) directory for the Hugging Face files")
+    ns = parser.parse_args(args)
+    out = export_hf(ns.checkpoint_dir, ns.out_dir)
+    print(f"wrote {out}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI on ``args`` (default: ``sys.argv[1:]``)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "export-hf":
+        export_hf_main(argv[1:])
+        return
     ParallelCLI(
         L.LightningModule,
         L.LightningDataModule,

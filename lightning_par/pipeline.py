@@ -404,6 +404,8 @@ class PipelineRunner:
         result = call(*(args if self.plan.has_first else ()), **kwargs)
         if self.record_timeline:
             self.last_timeline = list(entry.events)
+        for stage in entry.stages:  # free the microbatch outputs and activations kept for the next step
+            stage.clear_runtime_states()
         return result
 
     def _count_tokens(self, labels: Tensor) -> Tensor:

@@ -1,21 +1,27 @@
 """The Lightning strategy that owns the parallel layout of a run.
 
-Flow of one run (``Trainer(strategy="tp", devices=N)``):
+Flow of one run (``Trainer(strategy="tp_pp", devices=N)``):
 
-1. ``_configure_launcher`` (at ``Trainer(...)``): the layout is checked against ``devices x num_nodes``
-   before any process starts.
+1. ``_configure_launcher`` (at ``Trainer(...)``): the layout and the pipeline schedule settings are
+   checked against ``devices x num_nodes`` before any process starts.
 2. ``setup_environment``: process group (NCCL on CUDA, gloo on CPU) and the ``(pp, dp, tp)`` DeviceMesh.
 3. Lightning calls the module's ``configure_model`` under :meth:`tensor_init_context` (meta device).
-4. ``setup``: the module's tensor-parallel plan is applied with ``parallelize_module``, parameters are
-   materialised and filled by the module's ``init_weights`` (same numbers on every layout), tied weights
-   are tied again, metrics are pointed at the data-parallel group, optimizers are built.
-5. Each optimizer step: forward and backward run as usual; then the gradients are summed over the
-   tensor-parallel group where sequence parallel left them partial, averaged over data parallel (one
-   flat bucket each), clipped by the true global norm, and the optimizer steps.
+4. ``setup``: under pipeline parallel the network is cut to this rank's stages
+   (:mod:`lightning_par.pipeline`); the module's tensor-parallel plan is applied with
+   ``parallelize_module``; parameters are materialised and filled by the module's ``init_weights`` (same
+   numbers on every layout); tied weights are tied again; metrics are pointed at the data-parallel group;
+   optimizers are built.
+5. Each optimizer step: forward and backward run as usual (with pp > 1, inside ``training_step``, by the
+   schedule; ``backward`` only runs the hooks); then the gradients are summed over the tensor-parallel
+   group where sequence parallel left them partial, averaged over data parallel (one flat bucket each),
+   summed between the copies of a weight tied across pipeline ranks, clipped by the true global norm,
+   and the optimizer steps.
+6. Checkpoints: every rank writes its shards, atomically, and loads any layout's checkpoint without
+   unpickling anything but DCP metadata (:mod:`lightning_par.checkpoint`).
 
-This builds on Lightning's ``ModelParallelStrategy`` (launcher, process group, DCP checkpoint files) and
-diverges where it must: its mesh has no pipeline dimension and it never reduces data-parallel gradients
-unless the model applies FSDP itself (DESIGN §7).
+This builds on Lightning's ``ModelParallelStrategy`` (launcher, process group) and diverges where it
+must: its mesh has no pipeline dimension, it never reduces data-parallel gradients unless the model
+applies FSDP itself (DESIGN §7), and its checkpoint loading is not safe against crafted files.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +47,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.optim import Optimizer
 from torchmetrics import Metric
 
+from lightning_par.checkpoint import ResumableLoader, load_sharded, save_sharded
 from lightning_par.layout import ParallelLayout, default_backend
 from lightning_par.pipeline import (
     PipelineRunner,
@@ -143,6 +151,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._tied: list[tuple[list[str], dist.ProcessGroup]] = []
         self._norm_duplicates: set[int] = set()
         self._stashed_grads: list[tuple[Tensor, Tensor]] = []
+        self._tie_groups: list[list[str]] = []
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -266,6 +275,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def _parallelize(self, module: nn.Module) -> None:
         layout = self.layout
         assert layout is not None
+        self._tie_groups = _tied_names(module)  # before anything unties them
         if layout.pp > 1:
             self._split_pipeline(module)
         if layout.tp > 1:
@@ -320,10 +330,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             )
             for r in range(layout.pp)
         ]
-        tie_groups = _tied_names(module)
         prune_network(network, plans[pp_rank])
         self._tied = []
-        for names in tie_groups:
+        for names in self._tie_groups:
             holders = sorted({r for r in range(layout.pp) for n in names if _kept(n, plans[r])})
             if len(holders) < 2:
                 continue
@@ -385,14 +394,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
         )
         if self.pipeline is not None:
             self.pipeline.record_timeline = record
-        if self.pipeline is not None and self.lightning_module.automatic_optimization:
+        automatic = self.pipeline is not None and self.lightning_module.automatic_optimization
+        if automatic:
             # The schedule accumulates into .grad during training_step, before Lightning's zero_grad.
             for p in self.lightning_module.parameters():
                 p.grad = None
         out = super().training_step(*args, **kwargs)
-        if self.pipeline is not None:
+        if automatic:
             # Lightning zeroes gradients between training_step and backward; the schedule has already
-            # made them, so they wait aside until backward() puts them back.
+            # made them, so they wait aside until backward() puts them back. (With manual optimization
+            # the user's manual_backward() comes after the schedule inside training_step: nothing to do.)
             self._stashed_grads = [
                 (p, p.grad) for p in self.lightning_module.parameters() if p.grad is not None
             ]
@@ -445,6 +456,17 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 f"use a batch size that is a multiple of {m} (e.g. {max(m, batch_size - batch_size % m)}) or a "
                 f"num_microbatches that divides {batch_size}."
             )
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if (
+            trainer is not None
+            and trainer.training
+            and hasattr(dataloader, "batch_sampler")
+            and getattr(dataloader, "batch_sampler", None) is not None
+            and not hasattr(dataloader, "state_dict")
+        ):
+            # Checkpoints record how far into the epoch training got, so a resume continues from there.
+            loop = trainer.fit_loop.epoch_loop
+            dataloader = ResumableLoader(dataloader, position=lambda: loop.batch_progress.current.processed)
         return super().process_dataloader(dataloader)
 
     # ---- the optimizer step ------------------------------------------------------------------------
@@ -520,19 +542,41 @@ class HybridParallelStrategy(ModelParallelStrategy):
             torch._foreach_mul_(grads, coef.to(grads[0].device))
 
     # ---- checkpoints ----------------------------------------------------------------------------------
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Refused for now: see the message.
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # save_checkpoint reads the shards straight from the module: nothing to gather here.
+        return {}
 
-        Saving works (each rank writes its shards with ``torch.distributed.checkpoint``, inherited from
-        Lightning). Loading goes through DCP's ``FileSystemReader``, which unpickles ``.metadata`` with
-        plain ``pickle.load``: a crafted checkpoint would run code (DESIGN §7). Resuming arrives with the
-        safe reader of the sharded-checkpoint callback.
-        """
-        raise NotImplementedError(
-            f"ckpt_path={str(checkpoint_path)!r}: resuming from a sharded checkpoint is not supported yet "
-            "(torch.distributed.checkpoint's reader unpickles files as it ships; a safe reader comes with "
-            "lightning_par.callbacks.ShardedCheckpoint). Load weights with GPT.from_hf or start fresh."
-        )
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return {}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Each rank writes its own shards (atomically: see :mod:`lightning_par.checkpoint`)."""
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported."
+            )
+        checkpoint.pop("state_dict", None)
+        checkpoint.pop("optimizer_states", None)
+        checkpoint["parallel_layout"] = self.describe_layout()
+        path = Path(self.broadcast(str(filepath)))
+        save_sharded(path, self.lightning_module, self._raw_optimizers(), checkpoint, self.global_rank)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded checkpoint written on any layout; nothing in its files is run (see the module)."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        aliases = {n: names[0] for names in self._tie_groups for n in names[1:]}
+        return load_sharded(path, self.lightning_module, self._raw_optimizers(), aliases)
+
+    def _raw_optimizers(self) -> list[Optimizer]:
+        return [getattr(o, "_optimizer", o) for o in self.optimizers]
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """A decision every rank agrees on (over the whole world: tp and pp peers too, not only dp)."""
+        flag = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ---- logging --------------------------------------------------------------------------------------
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
@@ -542,15 +586,15 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if self.layout.dp == 1 and group is None:
             return tensor
         group = self.dp_group if group is None else group
-        op = str(reduce_op).lower() if reduce_op is not None else "mean"
+        op = str(reduce_op).lower().rsplit(".", 1)[-1] if reduce_op is not None else "mean"  # "ReduceOp.SUM"
         out = tensor.detach().clone().float() if not tensor.is_floating_point() else tensor.detach().clone()
-        if op in ("mean", "avg", "reduceop.avg", "sum", "reduceop.sum"):
+        if op in ("mean", "avg", "sum"):
             dist.all_reduce(out, group=group)
-            if op in ("mean", "avg", "reduceop.avg"):
+            if op in ("mean", "avg"):
                 out /= dist.get_world_size(group)
-        elif op in ("max", "reduceop.max"):
+        elif op == "max":
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
-        elif op in ("min", "reduceop.min"):
+        elif op == "min":
             dist.all_reduce(out, op=dist.ReduceOp.MIN, group=group)
         else:
             raise ValueError(f"reduce_op={reduce_op!r} is not supported; use 'mean', 'sum', 'max' or 'min'.")

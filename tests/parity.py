@@ -63,17 +63,14 @@ class Recorder(L.Callback):
 
 
 def quiet_trainer(strategy: Any, devices: int, **kw: Any) -> L.Trainer:
-    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary (unless ``kw`` says)."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, **{**quiet, **kw})
 
 
 def trainer_run(

@@ -1,0 +1,288 @@
+"""Sharded checkpoints: resume on the same layout (bitwise) and on others, atomic saves, crafted files refused.
+
+The runs train ``GPT(**TINY, n_layer=4)`` on fixed data, 4 steps per epoch, so a checkpoint taken after
+step 4 resumes at an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_par.models import GPT
+from torch.utils.data import DataLoader
+
+import lightning_par
+from tests.harness import run_distributed
+from tests.parity import OPTIM, SEED, TINY, FixedBatches, quiet_trainer
+
+MODEL = {**TINY, "n_layer": 4}
+GLOBAL_BATCH, SAVE_AT, TOTAL = 8, 4, 8
+EXPORT_IDS = torch.arange(2 * 16).reshape(2, 16) % TINY["vocab_size"]
+
+LAYOUTS = {
+    "tp1": ({"tensor_parallel_size": 1}, 1),
+    "tp2": ({"tensor_parallel_size": 2}, 2),
+    "tp4": ({"tensor_parallel_size": 4}, 4),
+    "pp2": ({"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "num_microbatches": 2}, 2),
+    "pp4": ({"tensor_parallel_size": 1, "pipeline_parallel_size": 4, "num_microbatches": 4}, 4),
+    "dp2": ({"tensor_parallel_size": 1, "data_parallel_size": 2}, 2),
+    "tp2_pp2": ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "num_microbatches": 2}, 4),
+}
+
+
+class Losses(L.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+
+
+def _fit(
+    name: str,
+    world: int,
+    max_steps: int,
+    ckpt_dir: str | None,
+    resume: str | None,
+    logits: bool = False,
+    save_every: int = SAVE_AT,
+) -> list[float] | tuple[list[float], torch.Tensor]:
+    kw, size = LAYOUTS[name]
+    assert size == world, (name, world)
+    dp = kw.get("data_parallel_size", 1)
+    L.seed_everything(SEED, verbose=False)
+    losses = Losses()
+    callbacks: list = [losses]
+    if ckpt_dir is not None:
+        callbacks.append(
+            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=save_every, save_top_k=0)
+        )
+    trainer = quiet_trainer(
+        lightning_par.HybridParallelStrategy(**kw),
+        world,
+        max_steps=max_steps,
+        gradient_clip_val=0.05,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+    )
+    data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"], ignore_some=True)
+    model = GPT(**MODEL, **OPTIM)
+    trainer.fit(model, DataLoader(data, batch_size=GLOBAL_BATCH // dp), ckpt_path=resume)
+    if logits:  # the trained model's logits on fixed ids (every pipeline rank returns them)
+        with torch.no_grad():
+            return losses.values, model(EXPORT_IDS)
+    return losses.values
+
+
+def _phase(rank: int, world: int, tmp: str, jobs: list[tuple]) -> dict:
+    """Run ``(kind, layout, source)`` jobs: ``save`` 4 steps, ``straight`` 8 steps, ``resume`` from a save."""
+    out = {}
+    for kind, name, source in jobs:
+        if kind == "save" and name == "pp2":
+            out[(kind, name)], out["pp2_logits"] = _fit(
+                name, world, SAVE_AT, f"{tmp}/{name}", None, logits=True
+            )
+        elif kind == "save":
+            out[(kind, name)] = _fit(name, world, SAVE_AT, f"{tmp}/{name}", None)
+        elif kind == "save_mid":  # after 2 of the epoch's 4 steps
+            out[(kind, name)] = _fit(name, world, 2, f"{tmp}/{name}_mid", None, save_every=2)
+        elif kind == "resume_mid":
+            out[(kind, name)] = _fit(name, world, TOTAL, None, f"{tmp}/{name}_mid/last.ckpt")
+        elif kind == "straight":
+            out[(kind, name)] = _fit(name, world, TOTAL, None, None)
+        else:
+            out[(kind, name, source)] = _fit(
+                name, world, TOTAL, f"{tmp}/resume_{name}_from_{source}", f"{tmp}/{source}/last.ckpt"
+            )
+    return out
+
+
+def test_resume_same_layout_bitwise_and_resharded(tmp_path):
+    tmp = str(tmp_path)
+    r1 = run_distributed(
+        _phase, 1, tmp, [("straight", "tp1", None), ("save", "tp1", None)], init_process_group=False
+    )[0]
+    r2 = run_distributed(
+        _phase,
+        2,
+        tmp,
+        [
+            ("straight", "tp2", None),
+            ("save", "tp2", None),
+            ("resume", "tp2", "tp2"),
+            ("save_mid", "tp2", None),
+            ("resume_mid", "tp2", None),
+            ("save", "pp2", None),
+            ("save", "dp2", None),
+            ("straight", "pp2", None),
+            ("resume", "pp2", "pp2"),
+        ],
+        init_process_group=False,
+        timeout=280,
+    )[0]
+    r4 = run_distributed(
+        _phase,
+        4,
+        tmp,
+        [
+            ("resume", "tp4", "tp1"),
+            ("resume", "pp4", "pp2"),
+            ("save", "pp4", None),
+            ("resume", "tp2_pp2", "dp2"),
+        ],
+        init_process_group=False,
+        timeout=280,
+    )[0]
+    r1b = run_distributed(
+        _phase,
+        1,
+        tmp,
+        [("resume", "tp1", "tp2"), ("resume", "tp1", "pp4"), ("resume", "tp1", "dp2")],
+        init_process_group=False,
+    )[0]
+    straight = r1[("straight", "tp1")]
+    assert len(straight) == TOTAL
+
+    # Same layout: the continuation is bitwise the uninterrupted run, also from the middle of an epoch
+    # (the data position is in the checkpoint).
+    assert r2[("resume", "tp2", "tp2")] == r2[("straight", "tp2")][SAVE_AT:]
+    assert r2[("resume_mid", "tp2")] == r2[("straight", "tp2")][2:]
+    assert r2[("resume", "pp2", "pp2")] == r2[("straight", "pp2")][SAVE_AT:]
+    # Other layouts: every layout computes the same numbers to fp32 round-off (the parity tests' bar).
+    resumed = {k: v for k, v in {**r4, **r1b}.items() if k[0] == "resume"}
+    assert len(resumed) == 6
+    for key, losses in resumed.items():
+        assert len(losses) == TOTAL - SAVE_AT, key
+        torch.testing.assert_close(
+            torch.tensor(losses),
+            torch.tensor(straight[SAVE_AT:]),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, k=key: f"{k}: {m}",
+        )
+    # The saves left no partial directories behind.
+    assert not list(tmp_path.rglob(".last.ckpt.partial-*"))
+
+    # export-hf: one process, no layout; Hugging Face gives the logits the pp=2 run's model gave.
+    from transformers import GPT2LMHeadModel
+
+    from lightning_par.cli import main
+
+    out = tmp_path / "hf"
+    main(["export-hf", str(tmp_path / "pp2" / "last.ckpt"), str(out)])
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        ref = hf(EXPORT_IDS).logits
+    # HF and we sum in different orders (fused vs split q/k/v): fp32 round-off.
+    torch.testing.assert_close(r2["pp2_logits"][..., : TINY["vocab_size"]], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileExistsError, match="out_dir=.* exists and is not empty"):
+        main(["export-hf", str(tmp_path / "pp2" / "last.ckpt"), str(out)])
+
+
+# ---- crafted files, killed saves ----------------------------------------------------------------------
+class _Marker:
+    """Unpickling this creates a file: the proof that a load ran code from a checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _resume_each_swapped(rank: int, world: int, tmp: str) -> dict:
+    import shutil
+
+    _fit("tp1", world, SAVE_AT, f"{tmp}/good", None)
+    good = Path(tmp) / "good" / "last.ckpt"
+    out = {}
+    for file in sorted(p.name for p in good.iterdir()):
+        case = Path(tmp) / f"swap_{file}"
+        shutil.copytree(good, case / "last.ckpt")
+        marker = Path(tmp) / f"marker_{file}"
+        payload = _Marker(str(marker))
+        if file == "meta.pt":
+            torch.save({"loops": payload}, case / "last.ckpt" / file)  # a valid torch file, a hostile object
+        else:
+            (case / "last.ckpt" / file).write_bytes(pickle.dumps(payload))
+        try:
+            _fit("tp1", world, TOTAL, None, str(case / "last.ckpt"))
+            out[file] = ("loaded", marker.exists())
+        except Exception as err:  # noqa: BLE001 - the test inspects what was raised
+            out[file] = (f"{type(err).__name__}: {err}", marker.exists())
+    return out
+
+
+def test_crafted_checkpoint_files_are_refused_and_run_nothing(tmp_path):
+    results = run_distributed(_resume_each_swapped, 1, str(tmp_path), init_process_group=False)[0]
+    assert set(results) >= {".metadata", "meta.pt", "__0_0.distcp"}
+    for file, (outcome, marker) in results.items():
+        assert not marker, f"loading a crafted {file} ran code"
+        assert outcome != "loaded", f"a crafted {file} was loaded"
+    assert "UnsafeCheckpointError" in results[".metadata"][0]
+    assert "UnsafeCheckpointError" in results["meta.pt"][0]
+
+
+def _killed_save(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    original = FileSystemWriter.write_data
+    saves = [0]
+
+    def write_data(self, plan, planner):
+        saves[0] += 1
+        if saves[0] == 2 and rank == 1:
+            os._exit(1)  # the second save dies half-way on one rank
+        return original(self, plan, planner)
+
+    FileSystemWriter.write_data = write_data
+    kw, _ = LAYOUTS["tp2"]
+    L.seed_everything(SEED, verbose=False)
+    trainer = quiet_trainer(
+        lightning_par.HybridParallelStrategy(**kw),
+        world,
+        max_steps=TOTAL,
+        callbacks=[ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=2, save_top_k=0)],
+        enable_checkpointing=True,
+    )
+    data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"])
+    trainer.fit(GPT(**MODEL, **OPTIM), DataLoader(data, batch_size=GLOBAL_BATCH))
+
+
+def _resume_last(rank: int, world: int, tmp: str) -> int:
+    kw, _ = LAYOUTS["tp2"]
+    L.seed_everything(SEED, verbose=False)
+    trainer = quiet_trainer(
+        lightning_par.HybridParallelStrategy(**kw),
+        world,
+        max_steps=3,
+        callbacks=[ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=100, save_top_k=0)],
+        enable_checkpointing=True,
+    )
+    data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"])
+    start = []
+
+    class First(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            start.append(trainer.global_step)
+
+    trainer.callbacks.append(First())
+    trainer.fit(GPT(**MODEL, **OPTIM), DataLoader(data, batch_size=GLOBAL_BATCH), ckpt_path="last")
+    return start[0]
+
+
+def test_a_save_killed_midway_leaves_last_loadable(tmp_path):
+    with pytest.raises(RuntimeError):
+        run_distributed(_killed_save, 2, str(tmp_path), init_process_group=False, timeout=120)
+    assert (tmp_path / "last.ckpt" / "meta.pt").is_file()
+    assert list(tmp_path.glob(".last.ckpt.partial-*")), (
+        "the killed save should have left its partial directory"
+    )
+    first_steps = run_distributed(_resume_last, 2, str(tmp_path), init_process_group=False)
+    assert first_steps == [2, 2]  # resumed after the first (complete) save, at step 2
