@@ -347,6 +347,8 @@ class PipelineRunner:
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._loss_scale: Tensor | None = None
         self.record_timeline = False
+        self.grad_scale: float | None = None
+        """fp16 loss scale: multiplies each microbatch loss before its backward (set by the strategy)."""
         self.last_timeline: list[TimelineEvent] | None = None
         # The pp rank that holds the last stage broadcasts the loss (rank 0 under ZBV's V shape).
         last_owner = next(
@@ -366,7 +368,8 @@ class PipelineRunner:
         train = torch.is_grad_enabled() and self.network.training
         args, labels, _ = self._pad(list(args), labels)
         num_tokens = self._count_tokens(labels)
-        self._loss_scale = 1.0 / num_tokens.clamp(min=1).to(torch.float32)
+        grad_scale = self.grad_scale if train and self.grad_scale else 1.0
+        self._loss_scale = grad_scale / num_tokens.clamp(min=1).to(torch.float32)
         entry = self._entry("train" if train else "eval", args, labels)
         losses: list[Tensor] = []
         call = entry.schedule.step if train else entry.schedule.eval
@@ -374,7 +377,11 @@ class PipelineRunner:
         if train:
             kwargs["return_outputs"] = False
         self._run(entry, call, args, kwargs)
-        mean = torch.stack([t.detach().float() for t in losses]).sum() if losses else torch.zeros(())
+        mean = (
+            torch.stack([t.detach().float() for t in losses]).sum() / grad_scale
+            if losses
+            else torch.zeros(())
+        )
         out = torch.stack([mean.to(self.device), num_tokens.to(self.device, torch.float32)])
         dist.broadcast(out, src=self.last_stage_rank, group=self.group)
         return out[0] * out[1], out[1]

@@ -394,6 +394,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         )
         if self.pipeline is not None:
             self.pipeline.record_timeline = record
+            # fp16: the schedule's backward must see the scaled loss (the plugin's pre_backward comes too late).
+            self.pipeline.grad_scale = getattr(self.precision_plugin, "loss_scale", None)
         automatic = self.pipeline is not None and self.lightning_module.automatic_optimization
         if automatic:
             # The schedule accumulates into .grad during training_step, before Lightning's zero_grad.

@@ -101,6 +101,20 @@ def local(t: Tensor | None) -> Tensor | None:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast to the autocast dtype when autocast is on (custom functions are not cast by autocast).
+
+    The backward then runs in that dtype too, whether or not autocast is on there (Lightning runs backward
+    outside it); autograd casts each returned gradient to its input's dtype (fp32 master weights).
+    """
+    ref = next(t for t in tensors if t is not None)
+    device = ref.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 class _ColumnParallelLinearFn(torch.autograd.Function):
     """y = x W^T + b with W split by output rows. Input replicated (or sequence-sharded with SP).
 
@@ -110,6 +124,7 @@ class _ColumnParallelLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, info: TPInfo):  # type: ignore[override]
+        x, weight, bias = _autocast(x, weight, bias)
         if info.sequence_parallel:
             x, _ = all_gather_dim0(x, info.group)
         ctx.save_for_backward(x, weight)
@@ -149,6 +164,7 @@ class _RowParallelLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, info: TPInfo, pending: list | None = None):  # type: ignore[override]
+        x, weight = _autocast(x, weight)
         ctx.save_for_backward(x, weight)
         ctx.info = info
         y = x.reshape(-1, x.shape[-1]).mm(weight.t()).view(*x.shape[:-1], weight.shape[0])
