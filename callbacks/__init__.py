@@ -1,7 +1,8 @@
 """Callbacks for parallel training (installed as ``lightning_par.callbacks``)."""
 
+from lightning_par.callbacks.accumulation import GlobalBatchSize
 from lightning_par.callbacks.precision import MixedPrecision, ShardedMixedPrecision
 from lightning_par.callbacks.sampling import GenerateText
 from lightning_par.callbacks.throughput import TokensPerSecond
 
-__all__ = ["GenerateText", "MixedPrecision", "ShardedMixedPrecision", "TokensPerSecond"]
+__all__ = ["GenerateText", "GlobalBatchSize", "MixedPrecision", "ShardedMixedPrecision", "TokensPerSecond"]

@@ -320,6 +320,8 @@ class PipelineRunner:
         device: the device the stages compute on.
         output_batch_dim: the batch dimension of the stage outputs (1: sequence-first activations).
         max_cached_shapes: schedules kept per mode; a batch of a new shape builds new stages.
+        dp_group: the data-parallel group; training losses are divided by the tokens of the global batch
+            (summed over it), so replicas' gradients are then summed, not averaged.
     """
 
     def __init__(
@@ -332,6 +334,7 @@ class PipelineRunner:
         device: torch.device,
         output_batch_dim: int = 1,
         max_cached_shapes: int = 4,
+        dp_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.network = network
         self.plan = plan
@@ -341,6 +344,7 @@ class PipelineRunner:
         self.device = device
         self.output_batch_dim = output_batch_dim
         self.max_cached_shapes = max_cached_shapes
+        self.dp_group = dp_group
         self.views = {
             s: stage_view(network, plan.layers[s], s == 0, s == plan.num_stages - 1) for s in plan.stages
         }
@@ -362,14 +366,19 @@ class PipelineRunner:
     def loss(self, args: Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss_sum, num_tokens)`` of the whole batch, the same on every pp rank.
 
-        In training mode with gradients enabled the schedule also runs every backward, leaving the
-        gradients of ``loss_sum / num_tokens`` in this rank's parameters.
+        In training mode with gradients enabled the schedule also runs every backward, leaving in this
+        rank's parameters the gradients of ``loss_sum / global_tokens``, where ``global_tokens`` counts the
+        batches of every data-parallel replica (so replicas' gradients are summed, not averaged).
         """
         train = torch.is_grad_enabled() and self.network.training
         args, labels, _ = self._pad(list(args), labels)
         num_tokens = self._count_tokens(labels)
+        global_tokens = num_tokens.to(torch.float32)
+        if train and self.dp_group is not None:
+            global_tokens = global_tokens.clone()
+            dist.all_reduce(global_tokens, group=self.dp_group)
         grad_scale = self.grad_scale if train and self.grad_scale else 1.0
-        self._loss_scale = grad_scale / num_tokens.clamp(min=1).to(torch.float32)
+        self._loss_scale = grad_scale / global_tokens.clamp(min=1)
         entry = self._entry("train" if train else "eval", args, labels)
         losses: list[Tensor] = []
         call = entry.schedule.step if train else entry.schedule.eval
@@ -377,14 +386,14 @@ class PipelineRunner:
         if train:
             kwargs["return_outputs"] = False
         self._run(entry, call, args, kwargs)
-        mean = (
-            torch.stack([t.detach().float() for t in losses]).sum() / grad_scale
-            if losses
-            else torch.zeros(())
-        )
-        out = torch.stack([mean.to(self.device), num_tokens.to(self.device, torch.float32)])
+        # Each microbatch loss is its token sum x grad_scale / global_tokens: back to this batch's sum.
+        if losses:
+            loss_sum = torch.stack([t.detach().float() for t in losses]).sum() * global_tokens / grad_scale
+        else:
+            loss_sum = torch.zeros(())
+        out = torch.stack([loss_sum.to(self.device), num_tokens.to(self.device, torch.float32)])
         dist.broadcast(out, src=self.last_stage_rank, group=self.group)
-        return out[0] * out[1], out[1]
+        return out[0], out[1]
 
     @torch.no_grad()
     def forward(self, args: Sequence[Tensor]) -> Tensor:

@@ -152,6 +152,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._norm_duplicates: set[int] = set()
         self._stashed_grads: list[tuple[Tensor, Tensor]] = []
         self._tie_groups: list[list[str]] = []
+        # Token counts of this optimizer step's micro-batches (from training_step's "num_tokens"), and
+        # whether the gradients are token sums still to be divided by the global count.
+        self._step_tokens: list[Tensor] = []
+        self._grads_are_sums = False
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -353,6 +357,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
             self.num_microbatches,
             self.pp_group,
             self.root_device,
+            dp_group=self.dp_group if layout.dp > 1 else None,
         )
 
     def _tied_copies(self, module: nn.Module) -> set[int]:
@@ -373,6 +378,13 @@ class HybridParallelStrategy(ModelParallelStrategy):
     ) -> Tensor:
         """Under pipeline parallel the schedule already ran every backward: only the hooks run here."""
         if self.pipeline is None:
+            accumulate = self.lightning_module.trainer.accumulate_grad_batches
+            if self._step_tokens and (accumulate > 1 or self.layout.dp > 1):
+                # Lightning's closure gave mean / accumulate; make it this micro-batch's token sum, so the
+                # step's gradient can be divided by the tokens of the whole global batch (reduce_gradients):
+                # exact however the counted tokens are spread over micro-batches and replicas.
+                closure_loss = closure_loss * (self._step_tokens[-1] * accumulate)
+                self._grads_are_sums = True
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         assert self.lightning_module is not None
         for p, grad in self._stashed_grads:
@@ -402,6 +414,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
             for p in self.lightning_module.parameters():
                 p.grad = None
         out = super().training_step(*args, **kwargs)
+        if isinstance(out, dict) and isinstance(out.get("num_tokens"), Tensor):
+            self._step_tokens.append(out["num_tokens"].detach())
         if automatic:
             # Lightning zeroes gradients between training_step and backward; the schedule has already
             # made them, so they wait aside until backward() puts them back. (With manual optimization
@@ -484,9 +498,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
 
     @torch.no_grad()
     def reduce_gradients(self, params: Iterable[Tensor]) -> None:
-        """Sum sequence-parallel partial gradients over tp, then average all gradients over dp.
+        """Sum sequence-parallel partial gradients over tp, then combine the replicas' gradients over dp.
 
-        One flat bucket per collective: no per-parameter communication.
+        The result is the gradient of the token-weighted mean loss of the whole global batch (all
+        micro-batches of the step, all replicas). One flat bucket per collective.
         """
         assert self.layout is not None
         params = [p for p in params if p.grad is not None]
@@ -495,8 +510,20 @@ class HybridParallelStrategy(ModelParallelStrategy):
             # bias) sees only this rank's sequence shard, so its gradient is a partial sum.
             partial = [p.grad.to_local() for p in params if _is_replicated_dtensor(p.grad)]
             _bucket_all_reduce(partial, self.tp_group, scale=1.0)
-        if self.layout.dp > 1:
-            _bucket_all_reduce([_local(p.grad) for p in params], self.dp_group, scale=1.0 / self.layout.dp)
+        grads = [_local(p.grad) for p in params]
+        if self._grads_are_sums:
+            # Token sums of every micro-batch on every replica: divide by the global batch's tokens.
+            total = torch.stack(self._step_tokens).sum().to(torch.float64)
+            if self.layout.dp > 1:
+                dist.all_reduce(total, group=self.dp_group)
+                _bucket_all_reduce(grads, self.dp_group, scale=1.0 / float(total.clamp(min=1)))
+            elif grads:
+                torch._foreach_mul_(grads, 1.0 / float(total.clamp(min=1)))
+        elif self.layout.dp > 1:
+            # Under pipeline parallel each replica already divided by the global batch's tokens: sum.
+            scale = 1.0 if self.pipeline is not None else 1.0 / self.layout.dp
+            _bucket_all_reduce(grads, self.dp_group, scale=scale)
+        self._step_tokens, self._grads_are_sums = [], False
         if self._tied:
             # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
             # one part of its gradient on each: sum them, so both copies take the same step.

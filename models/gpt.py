@@ -395,13 +395,14 @@ class GPT(L.LightningModule):
         logits = self.model(batch["input_ids"])
         return self.model.loss_fn(logits, batch["labels"])
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """The batch's token-mean loss, with its token count (the strategy weights micro-batches by it)."""
         loss_sum, num_tokens = self._loss(batch)
         loss = loss_sum / num_tokens.clamp(min=1)
         self.log(
             "train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0]
         )
-        return loss
+        return {"loss": loss, "num_tokens": num_tokens.detach()}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch)
