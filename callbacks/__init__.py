@@ -3,6 +3,13 @@
 from lightning_par.callbacks.accumulation import GlobalBatchSize
 from lightning_par.callbacks.precision import MixedPrecision, ShardedMixedPrecision
 from lightning_par.callbacks.sampling import GenerateText
-from lightning_par.callbacks.throughput import TokensPerSecond
+from lightning_par.callbacks.throughput import ParallelThroughputMonitor, TokensPerSecond
 
-__all__ = ["GenerateText", "GlobalBatchSize", "MixedPrecision", "ShardedMixedPrecision", "TokensPerSecond"]
+__all__ = [
+    "GenerateText",
+    "GlobalBatchSize",
+    "MixedPrecision",
+    "ParallelThroughputMonitor",
+    "ShardedMixedPrecision",
+    "TokensPerSecond",
+]

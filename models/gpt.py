@@ -435,6 +435,16 @@ class GPT(L.LightningModule):
         info["parallel"] = describe() if describe else {"world_size": self.trainer.world_size}
         self.logger.log_hyperparams(info)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs per trained token (forward + backward): 6 x matmul parameters + attention.
+
+        Matmul parameters are the blocks' linears and the head (tied or not, it is a matmul); embeddings are
+        lookups. Attention adds 12 x n_layer x seq_len x n_embd (scores and weighted values, fwd + bwd).
+        """
+        c = self.config
+        matmul_params = c.n_layer * (12 * c.n_embd * c.n_embd) + c.vocab_size * c.n_embd
+        return 6.0 * matmul_params + 12.0 * c.n_layer * seq_len * c.n_embd
+
     # ---- optimisation -----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
         decay, no_decay = [], []
