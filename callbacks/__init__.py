@@ -1,6 +1,7 @@
 """Callbacks for parallel training (installed as ``lightning_par.callbacks``)."""
 
 from lightning_par.callbacks.accumulation import GlobalBatchSize
+from lightning_par.callbacks.checkpoint import ShardedCheckpoint
 from lightning_par.callbacks.precision import MixedPrecision, ShardedMixedPrecision
 from lightning_par.callbacks.sampling import GenerateText
 from lightning_par.callbacks.throughput import ParallelThroughputMonitor, TokensPerSecond
@@ -10,6 +11,7 @@ __all__ = [
     "GlobalBatchSize",
     "MixedPrecision",
     "ParallelThroughputMonitor",
+    "ShardedCheckpoint",
     "ShardedMixedPrecision",
     "TokensPerSecond",
 ]

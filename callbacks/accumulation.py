@@ -55,6 +55,13 @@ class GlobalBatchSize(L.Callback):
         steps = self.global_batch_size // per_step
         self.steps_per_update = steps
         if pp > 1:
+            explicit = getattr(strategy, "_microbatches_arg", None)
+            if explicit is not None and explicit != steps:
+                raise ValueError(
+                    f"num_microbatches={explicit} on the strategy disagrees with GlobalBatchSize(global_batch_size="
+                    f"{self.global_batch_size}, micro_batch_size={self.micro_batch_size}) on dp={dp}, which needs "
+                    f"{steps}; leave num_microbatches unset and let GlobalBatchSize choose it."
+                )
             check_schedule(strategy.pipeline_schedule, pp, steps, strategy.virtual_pipeline_size)
             strategy._microbatches_arg = steps
             trainer.accumulate_grad_batches = 1

@@ -168,6 +168,28 @@ def optimizer_hparams(optimizers: Iterable[Optimizer]) -> list[list[dict[str, An
     return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
 
 
+def rng_tensors(rank: int) -> dict[str, Tensor]:
+    """This rank's random generator states (dropout masks continue as if never stopped)."""
+    out = {f"rng.{rank}.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out[f"rng.{rank}.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore_rng(
+    saved: dict[str, Any], reader: SafeFileSystemReader, path: Path, rank: int, same_world: bool
+) -> None:
+    """Restore this rank's generators when the checkpoint has them and the world size is unchanged."""
+    keys = [k for k in (f"rng.{rank}.cpu", f"rng.{rank}.cuda") if k in saved]
+    if not same_world or not keys:
+        return  # another layout draws other numbers anyway: keep the seeded generators
+    request = {k: torch.empty(saved[k].size, dtype=torch.uint8) for k in keys}
+    _dcp_load(request, reader, path)
+    torch.set_rng_state(request[f"rng.{rank}.cpu"])
+    if f"rng.{rank}.cuda" in request and torch.cuda.is_available():
+        torch.cuda.set_rng_state(request[f"rng.{rank}.cuda"])
+
+
 def save_sharded(
     path: str | Path,
     module: nn.Module,
@@ -183,7 +205,7 @@ def save_sharded(
     if rank == 0:
         partial.mkdir(parents=True, exist_ok=False)
     dist.barrier()
-    state = {**module.state_dict(), **optimizer_tensors(module, optimizers)}
+    state = {**module.state_dict(), **optimizer_tensors(module, optimizers), **rng_tensors(rank)}
     dcp.save(state, storage_writer=FileSystemWriter(partial))
     if rank == 0:
         torch.save({**meta, "optimizer_hparams": optimizer_hparams(optimizers)}, partial / META_FILE)
@@ -268,6 +290,10 @@ def load_sharded(
             for group, saved_group in zip(opt.param_groups, hparams[i], strict=True):
                 group.update(saved_group)
     meta.pop("optimizer_hparams", None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = (meta.get("parallel_layout") or {}).get("world_size")
+    _restore_rng(saved, reader, path, rank, saved_world == world)
     return meta
 
 

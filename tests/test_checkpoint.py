@@ -52,6 +52,7 @@ def _fit(
     resume: str | None,
     logits: bool = False,
     save_every: int = SAVE_AT,
+    dropout: float = 0.0,
 ) -> list[float] | tuple[list[float], torch.Tensor]:
     kw, size = LAYOUTS[name]
     assert size == world, (name, world)
@@ -72,7 +73,7 @@ def _fit(
         enable_checkpointing=ckpt_dir is not None,
     )
     data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"], ignore_some=True)
-    model = GPT(**MODEL, **OPTIM)
+    model = GPT(**{**MODEL, "dropout": dropout}, **OPTIM)
     trainer.fit(model, DataLoader(data, batch_size=GLOBAL_BATCH // dp), ckpt_path=resume)
     if logits:  # the trained model's logits on fixed ids (every pipeline rank returns them)
         with torch.no_grad():
@@ -94,6 +95,12 @@ def _phase(rank: int, world: int, tmp: str, jobs: list[tuple]) -> dict:
             out[(kind, name)] = _fit(name, world, 2, f"{tmp}/{name}_mid", None, save_every=2)
         elif kind == "resume_mid":
             out[(kind, name)] = _fit(name, world, TOTAL, None, f"{tmp}/{name}_mid/last.ckpt")
+        elif kind == "straight_dropout":  # the generators' states are in the checkpoint too
+            out[(kind, name)] = _fit(name, world, TOTAL, None, None, dropout=0.1)
+        elif kind == "save_dropout":
+            out[(kind, name)] = _fit(name, world, SAVE_AT, f"{tmp}/{name}_dropout", None, dropout=0.1)
+        elif kind == "resume_dropout":
+            out[(kind, name)] = _fit(name, world, TOTAL, None, f"{tmp}/{name}_dropout/last.ckpt", dropout=0.1)
         elif kind == "straight":
             out[(kind, name)] = _fit(name, world, TOTAL, None, None)
         else:
@@ -118,6 +125,9 @@ def test_resume_same_layout_bitwise_and_resharded(tmp_path):
             ("resume", "tp2", "tp2"),
             ("save_mid", "tp2", None),
             ("resume_mid", "tp2", None),
+            ("straight_dropout", "tp2", None),
+            ("save_dropout", "tp2", None),
+            ("resume_dropout", "tp2", None),
             ("save", "pp2", None),
             ("save", "dp2", None),
             ("straight", "pp2", None),
@@ -153,6 +163,10 @@ def test_resume_same_layout_bitwise_and_resharded(tmp_path):
     # (the data position is in the checkpoint).
     assert r2[("resume", "tp2", "tp2")] == r2[("straight", "tp2")][SAVE_AT:]
     assert r2[("resume_mid", "tp2")] == r2[("straight", "tp2")][2:]
+    # With dropout the random generators continue from the checkpoint (at an epoch boundary: mid-epoch,
+    # the data loader's new iterator draws one seed that the uninterrupted run did not).
+    assert r2[("resume_dropout", "tp2")] == r2[("straight_dropout", "tp2")][SAVE_AT:]
+    assert r2[("straight_dropout", "tp2")] != r2[("straight", "tp2")]
     assert r2[("resume", "pp2", "pp2")] == r2[("straight", "pp2")][SAVE_AT:]
     # Other layouts: every layout computes the same numbers to fp32 round-off (the parity tests' bar).
     resumed = {k: v for k, v in {**r4, **r1b}.items() if k[0] == "resume"}
