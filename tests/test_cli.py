@@ -60,7 +60,7 @@ def test_cli_fit_runs_config(tmp_path, config, n_layer):
         b"val/loss",
         b"val/ppl",
         b"train/tokens_per_sec",
-        b"train/device/items_per_sec",
+        b"train/lengths",  # ParallelThroughputMonitor (rates appear once its window of 10 steps is full)
         b"train/consumed_samples",
         b"train/consumed_tokens",
         b"lr-AdamW",
