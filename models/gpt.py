@@ -399,9 +399,11 @@ class GPT(L.LightningModule):
         """The batch's token-mean loss, with its token count (the strategy weights micro-batches by it)."""
         loss_sum, num_tokens = self._loss(batch)
         loss = loss_sum / num_tokens.clamp(min=1)
-        self.log(
-            "train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0]
-        )
+        # Logged: the token-weighted mean over every replica's batch (not a mean of per-replica means).
+        stats = torch.stack([loss_sum.detach().float(), num_tokens.detach().float()])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
         return {"loss": loss, "num_tokens": num_tokens.detach()}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
