@@ -98,15 +98,14 @@ def draw_timeline(events_per_rank: list[list[Any]], summary: dict[str, Any], pat
         f"{summary['bubble_measured']:.3f}, theory {summary['bubble_theory']:.3f}"
         + (f" (plain {summary['bubble_theory_plain']:.3f})" if summary["stages_per_rank"] > 1 else "")
     )
-    ax.legend(
+    fig.legend(
         handles=[Patch(color=c, label=LABELS[k]) for k, c in COLOURS.items()],
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.25 - 0.1 / p),
+        loc="lower center",
         ncol=3,
         fontsize=7,
         frameon=False,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
