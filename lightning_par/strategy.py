@@ -40,15 +40,22 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.optim import Optimizer
 from torchmetrics import Metric
 
 from lightning_par.checkpoint import ResumableLoader, load_sharded, save_sharded
+from lightning_par.gradients import (
+    bucket_all_reduce,
+    is_replicated_dtensor,
+    local,
+    optimizer_params,
+    sum_squares,
+)
 from lightning_par.layout import ParallelLayout, default_backend
+from lightning_par.model_setup import kept, materialize_meta, present, tied_names
 from lightning_par.pipeline import (
     PipelineRunner,
     check_schedule,
@@ -279,7 +286,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def _parallelize(self, module: nn.Module) -> None:
         layout = self.layout
         assert layout is not None
-        self._tie_groups = _tied_names(module)  # before anything unties them
+        self._tie_groups = tied_names(module)  # before anything unties them
         if layout.pp > 1:
             self._split_pipeline(module)
         if layout.tp > 1:
@@ -289,7 +296,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
                     f"tensor_parallel_size={layout.tp} needs the LightningModule to define "
                     f"`tensor_parallel_plan(sequence_parallel, comm_chunks)` (see the model protocol in the README)."
                 )
-            plan = _present(module, plan_fn(layout.sequence_parallel, self.tp_comm_chunks))
+            plan = present(module, plan_fn(layout.sequence_parallel, self.tp_comm_chunks))
             parallelize_module(module, self.tp_mesh, plan)
             post = getattr(module, "post_parallelize", None)
             if post is not None:
@@ -299,7 +306,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 if any(not isinstance(p, DTensor) for p in sub.parameters(recurse=False)):
                     Replicated(sequence_parallel=layout.sequence_parallel)._apply(sub, self.tp_mesh)
         if any(p.device.type == "meta" for p in module.parameters()):
-            _materialize_meta(module, self.root_device)
+            materialize_meta(module, self.root_device)
             init = getattr(module, "init_weights", None)
             if init is None:
                 raise TypeError("The model was built on meta but has no `init_weights()` to fill it.")
@@ -337,7 +344,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         prune_network(network, plans[pp_rank])
         self._tied = []
         for names in self._tie_groups:
-            holders = sorted({r for r in range(layout.pp) for n in names if _kept(n, plans[r])})
+            holders = sorted({r for r in range(layout.pp) for n in names if kept(n, plans[r])})
             if len(holders) < 2:
                 continue
             group = None
@@ -491,7 +498,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
     ) -> Any:
         def closure_and_reduce() -> Any:
             result = closure()
-            self.reduce_gradients(_optimizer_params(optimizer))
+            self.reduce_gradients(optimizer_params(optimizer))
             return result
 
         return super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
@@ -508,29 +515,29 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if self.layout.sequence_parallel:
             # Under sequence parallel every replicated parameter (LayerNorm, position embedding, row-parallel
             # bias) sees only this rank's sequence shard, so its gradient is a partial sum.
-            partial = [p.grad.to_local() for p in params if _is_replicated_dtensor(p.grad)]
-            _bucket_all_reduce(partial, self.tp_group, scale=1.0)
-        grads = [_local(p.grad) for p in params]
+            partial = [p.grad.to_local() for p in params if is_replicated_dtensor(p.grad)]
+            bucket_all_reduce(partial, self.tp_group, scale=1.0)
+        grads = [local(p.grad) for p in params]
         if self._grads_are_sums:
             # Token sums of every micro-batch on every replica: divide by the global batch's tokens.
             total = torch.stack(self._step_tokens).sum().to(torch.float64)
             if self.layout.dp > 1:
                 dist.all_reduce(total, group=self.dp_group)
-                _bucket_all_reduce(grads, self.dp_group, scale=1.0 / float(total.clamp(min=1)))
+                bucket_all_reduce(grads, self.dp_group, scale=1.0 / float(total.clamp(min=1)))
             elif grads:
                 torch._foreach_mul_(grads, 1.0 / float(total.clamp(min=1)))
         elif self.layout.dp > 1:
             # Under pipeline parallel each replica already divided by the global batch's tokens: sum.
             scale = 1.0 if self.pipeline is not None else 1.0 / self.layout.dp
-            _bucket_all_reduce(grads, self.dp_group, scale=scale)
+            bucket_all_reduce(grads, self.dp_group, scale=scale)
         self._step_tokens, self._grads_are_sums = [], False
         if self._tied:
             # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
             # one part of its gradient on each: sum them, so both copies take the same step.
             named = dict(self.lightning_module.named_parameters())
             for names, group in self._tied:
-                grads = [_local(named[n].grad) for n in names if n in named and named[n].grad is not None]
-                _bucket_all_reduce(grads, group, scale=1.0)
+                grads = [local(named[n].grad) for n in names if n in named and named[n].grad is not None]
+                bucket_all_reduce(grads, group, scale=1.0)
 
     @torch.no_grad()
     def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
@@ -548,25 +555,25 @@ class HybridParallelStrategy(ModelParallelStrategy):
             if p.grad is None or id(p) in self._norm_duplicates:
                 continue
             g = p.grad
-            if isinstance(g, DTensor) and not _is_replicated_dtensor(g):
+            if isinstance(g, DTensor) and not is_replicated_dtensor(g):
                 sharded.append(g.to_local())
             else:
-                replicated.append(_local(g))
+                replicated.append(local(g))
         device = self.root_device
-        sq_sharded = _sum_squares(sharded, device)
+        sq_sharded = sum_squares(sharded, device)
         if self.layout is not None and self.layout.tp > 1:
             dist.all_reduce(sq_sharded, group=self.tp_group)
-        total = sq_sharded + _sum_squares(replicated, device)
+        total = sq_sharded + sum_squares(replicated, device)
         if self.layout is not None and self.layout.pp > 1:
             dist.all_reduce(total, group=self.pp_group)
         return total.sqrt()
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float | int) -> None:
-        params = list(_optimizer_params(optimizer))
+        params = list(optimizer_params(optimizer))
         total = self.global_grad_norm(params)
         self.last_grad_norm = total
         coef = (float(clip_val) / (total + 1e-6)).clamp(max=1.0)
-        grads = [_local(p.grad) for p in params if p.grad is not None]
+        grads = [local(p.grad) for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].device))
 
@@ -689,89 +696,3 @@ class PipelineParallelStrategy(HybridParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _materialize_meta(module: nn.Module, device: torch.device) -> None:
-    """Give every meta parameter and buffer real (uninitialised) storage on ``device``.
-
-    Only meta tensors are touched (``module.to_empty()`` would also wipe the metrics' states), and a
-    tensor shared by several modules (tied weights) gets one new tensor shared the same way.
-    """
-    new: dict[int, Tensor] = {}
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for name, t in list(store.items()):
-                if t is None or t.device.type != "meta":
-                    continue
-                if id(t) not in new:
-                    empty = torch.empty_like(t, device=device)
-                    if isinstance(t, nn.Parameter):
-                        empty = nn.Parameter(empty, requires_grad=t.requires_grad)
-                    new[id(t)] = empty
-                store[name] = new[id(t)]
-
-
-def _present(module: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
-    """The entries of a tensor-parallel plan that name a module this rank holds (pipeline stages differ)."""
-    from fnmatch import fnmatch
-
-    names = [n for n, _ in module.named_modules()]
-    return {key: style for key, style in plan.items() if any(fnmatch(n, key) for n in names)}
-
-
-def _tied_names(module: nn.Module) -> list[list[str]]:
-    """Groups of parameter names that share one tensor (tied weights), in registration order."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
-def _kept(name: str, plan: Any) -> bool:
-    """Whether a pipeline rank with ``plan`` keeps parameter ``name`` of the protocol network ``model``."""
-    parts = name.split(".")
-    if len(parts) < 2 or parts[0] != "model":
-        return True
-    part = parts[1]
-    if part == "embed":
-        return plan.has_first
-    if part in ("norm", "head"):
-        return plan.has_last
-    if part == "layers":
-        return int(parts[2]) in plan.owned_layers()
-    return True
-
-
-def _is_replicated_dtensor(t: Tensor) -> bool:
-    return isinstance(t, DTensor) and all(isinstance(p, Replicate) for p in t.placements)
-
-
-def _optimizer_params(optimizer: Optimizer) -> Iterable[Tensor]:
-    opt = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the real one
-    for group in opt.param_groups:
-        yield from group["params"]
-
-
-def _sum_squares(tensors: list[Tensor], device: torch.device) -> Tensor:
-    if not tensors:
-        return torch.zeros((), device=device, dtype=torch.float32)
-    norms = torch._foreach_norm([t.float() for t in tensors])
-    return torch.stack(norms).pow(2).sum()
-
-
-def _bucket_all_reduce(tensors: list[Tensor], group: dist.ProcessGroup, scale: float) -> None:
-    """All-reduce many tensors as one flat buffer per dtype, then scale and copy back."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group_tensors in by_dtype.values():
-        flat = _flatten_dense_tensors(group_tensors)
-        dist.all_reduce(flat, group=group)
-        if scale != 1.0:
-            flat.mul_(scale)
-        for t, synced in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors), strict=True):
-            t.copy_(synced)

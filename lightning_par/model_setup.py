@@ -1,0 +1,62 @@
+"""Model surgery at setup: materialising meta tensors, filtering plans, finding tied weights.
+
+Used by :class:`lightning_par.strategy.HybridParallelStrategy` while it shards a LightningModule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def materialize_meta(module: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer real (uninitialised) storage on ``device``.
+
+    Only meta tensors are touched (``module.to_empty()`` would also wipe the metrics' states), and a
+    tensor shared by several modules (tied weights) gets one new tensor shared the same way.
+    """
+    new: dict[int, Tensor] = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in new:
+                    empty = torch.empty_like(t, device=device)
+                    if isinstance(t, nn.Parameter):
+                        empty = nn.Parameter(empty, requires_grad=t.requires_grad)
+                    new[id(t)] = empty
+                store[name] = new[id(t)]
+
+
+def present(module: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a tensor-parallel plan that name a module this rank holds (pipeline stages differ)."""
+    from fnmatch import fnmatch
+
+    names = [n for n, _ in module.named_modules()]
+    return {key: style for key, style in plan.items() if any(fnmatch(n, key) for n in names)}
+
+
+def tied_names(module: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (tied weights), in registration order."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def kept(name: str, plan: Any) -> bool:
+    """Whether a pipeline rank with ``plan`` keeps parameter ``name`` of the protocol network ``model``."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != "model":
+        return True
+    part = parts[1]
+    if part == "embed":
+        return plan.has_first
+    if part in ("norm", "head"):
+        return plan.has_last
+    if part == "layers":
+        return int(parts[2]) in plan.owned_layers()
+    return True
