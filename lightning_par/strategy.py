@@ -64,6 +64,7 @@ from lightning_par.pipeline import (
     stages_per_rank,
 )
 from lightning_par.tensor_parallel import Replicated
+from lightning_par.watchdog import FailureWatchdog
 
 
 class HybridParallelStrategy(ModelParallelStrategy):
@@ -163,6 +164,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         # whether the gradients are token sums still to be divided by the global count.
         self._step_tokens: list[Tensor] = []
         self._grads_are_sums = False
+        self._watchdog: FailureWatchdog | None = None
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -613,6 +615,33 @@ class HybridParallelStrategy(ModelParallelStrategy):
         flag = torch.tensor(int(decision), device=self.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    # ---- failures -----------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # From here on a rank that fails ends the others within seconds, whatever they are blocked in.
+        if self.world_size > 1 and dist.is_initialized():
+            self._watchdog = FailureWatchdog.for_process_group(self.global_rank)
+            if self._watchdog is not None:
+                self._watchdog.start()
+
+    def on_train_end(self) -> None:
+        self._stop_watchdog()
+        super().on_train_end()
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self._watchdog is not None:
+            self._watchdog.report(exception)
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self._stop_watchdog()
+        super().teardown()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     # ---- logging --------------------------------------------------------------------------------------
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:

@@ -452,3 +452,26 @@ def test_stage_failure_ends_every_rank_with_its_message():
         assert f"[rank{rank}]:" in proc.stderr, f"rank {rank} did not end with an error"
     # The issue's bar is 60 s from the failure; this includes starting 4 processes and 1.5 steps.
     assert elapsed < 60, f"ranks took {elapsed:.0f} s to end"
+
+
+def test_failure_watchdog_ends_a_busy_peer():
+    """A rank in no collective at all (here: asleep for 120 s) still ends within seconds of a failure."""
+    script = Path(__file__).parent / "scripts" / "pipeline_failure.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), "busy"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=script.parent,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 2" in proc.stderr
+    assert (
+        "[rank0]: ending because rank 1 failed: RuntimeError: injected failure on rank 1 at step 2"
+        in proc.stderr
+    )
+    assert elapsed < 60, f"ranks took {elapsed:.0f} s to end (the busy rank sleeps 120 s)"
