@@ -357,7 +357,9 @@ class PipelineRunner:
         # The pp rank that holds the last stage broadcasts the loss (rank 0 under ZBV's V shape).
         last_owner = next(
             r
-            for r, stages in enumerate(stage_placement(schedule, dist.get_world_size(group), _v(plan)))
+            for r, stages in enumerate(
+                stage_placement(schedule, dist.get_world_size(group), len(plan.stages))
+            )
             if plan.num_stages - 1 in stages
         )
         self.last_stage_rank = dist.get_global_rank(group, last_owner)
@@ -501,10 +503,6 @@ class PipelineRunner:
         wrap("forward_one_chunk", "F")
         wrap("backward_one_chunk", "B")
         wrap("backward_weight_one_chunk", "W")
-
-
-def _v(plan: StagePlan) -> int:
-    return len(plan.stages)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
