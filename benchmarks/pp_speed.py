@@ -149,6 +149,7 @@ def _lightning(
     from torch.utils.data import DataLoader
 
     import lightning_par
+    from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
 
@@ -176,15 +177,10 @@ def _lightning(
     )
     timer = StepTimer()
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=strategy,
+    trainer = quiet_trainer(
+        strategy,
+        world,
         max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,

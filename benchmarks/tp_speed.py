@@ -42,6 +42,7 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
 
     import lightning_par
     import lightning_par.tensor_parallel as tpmod
+    from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
 
@@ -137,15 +138,10 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
 
     L.seed_everything(0, verbose=False)
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
+    trainer = quiet_trainer(
+        strategy,
+        devices,
         max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[timer],

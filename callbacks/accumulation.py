@@ -37,7 +37,7 @@ class GlobalBatchSize(L.Callback):
         self.steps_per_update = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
-        self._tokens_this_step = 0
+        self._tokens_this_step: torch.Tensor | int = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
@@ -89,12 +89,12 @@ class GlobalBatchSize(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         tokens = outputs.get("num_tokens") if isinstance(outputs, dict) else None
-        if tokens is not None:
-            self._tokens_this_step += int(tokens)
+        if tokens is not None:  # kept on the device: no host sync per micro-batch
+            self._tokens_this_step = self._tokens_this_step + tokens.float()
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return
         # A step was taken: count it over every replica (one small all-reduce per optimizer step).
-        t = torch.tensor(float(self._tokens_this_step), device=pl_module.device)
+        t = torch.as_tensor(self._tokens_this_step, dtype=torch.float32, device=pl_module.device)
         t = trainer.strategy.reduce(t, reduce_op="sum")
         self.consumed_tokens += int(t.item())
         self.consumed_samples += self.global_batch_size

@@ -27,7 +27,6 @@ every rank has finished, so a crash during the (long) write leaves the previous 
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import shutil
 import uuid
@@ -250,12 +249,12 @@ def load_sharded(
     request = {k if k in saved else aliases[k]: v for k, v in model_state.items()}
 
     # Optimizer: state tensors per parameter name, created here (a fresh optimizer has none).
-    names = {n: p for n, p in module.named_parameters()}
+    names = {id(p): n for n, p in module.named_parameters()}
     targets: dict[tuple[int, int, str], Tensor] = {}
     for i, opt in enumerate(optimizers):
         for group in opt.param_groups:
             for p in group["params"]:
-                name = next(n for n, q in names.items() if q is p)
+                name = names[id(p)]
                 prefix = f"{OPTIM_PREFIX}.{i}.state.{name}."
                 keys = [k for k in saved if k.startswith(prefix)]
                 if not keys and name in aliases:
@@ -315,11 +314,6 @@ def _dcp_load(request: dict[str, Any], reader: SafeFileSystemReader, path: Path,
             f"reading the checkpoint in {str(path)!r} failed (a truncated or replaced shard file?): "
             f"{[repr(f) for f in failures] or err}"
         ) from None
-
-
-def layout_record(layout: Any, backend: str) -> str:
-    """The layout as JSON, kept in ``meta.pt`` (for the record and for error messages)."""
-    return json.dumps(layout.describe(backend))
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:

@@ -45,18 +45,3 @@ def tied_names(module: nn.Module) -> list[list[str]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
-
-
-def kept(name: str, plan: Any) -> bool:
-    """Whether a pipeline rank with ``plan`` keeps parameter ``name`` of the protocol network ``model``."""
-    parts = name.split(".")
-    if len(parts) < 2 or parts[0] != "model":
-        return True
-    part = parts[1]
-    if part == "embed":
-        return plan.has_first
-    if part in ("norm", "head"):
-        return plan.has_last
-    if part == "layers":
-        return int(parts[2]) in plan.owned_layers()
-    return True

@@ -52,7 +52,6 @@ SCHEDULES: dict[str, type] = {
 """Schedule names accepted by ``pipeline_schedule``."""
 
 INTERLEAVED = ("interleaved_1f1b", "interleaved_zero_bubble")
-ZERO_BUBBLE = ("interleaved_zero_bubble", "zbv")
 IGNORE_INDEX = -100
 
 
@@ -215,6 +214,18 @@ class StagePlan:
 
     def owned_layers(self) -> list[int]:
         return sorted(i for s in self.stages for i in self.layers[s])
+
+    def keeps(self, name: str) -> bool:
+        """Whether this rank keeps parameter ``name`` (relative to the network): what
+        :func:`prune_network` leaves in place."""
+        parts = name.split(".")
+        if parts[0] == "embed":
+            return self.has_first
+        if parts[0] in ("norm", "head"):
+            return self.has_last
+        if parts[0] == "layers" and len(parts) > 1:
+            return int(parts[1]) in self.owned_layers()
+        return True
 
 
 def plan_stages(

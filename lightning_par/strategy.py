@@ -55,7 +55,7 @@ from lightning_par.gradients import (
     sum_squares,
 )
 from lightning_par.layout import ParallelLayout, default_backend
-from lightning_par.model_setup import kept, materialize_meta, present, tied_names
+from lightning_par.model_setup import materialize_meta, present, tied_names
 from lightning_par.pipeline import (
     PipelineRunner,
     check_schedule,
@@ -346,7 +346,14 @@ class HybridParallelStrategy(ModelParallelStrategy):
         prune_network(network, plans[pp_rank])
         self._tied = []
         for names in self._tie_groups:
-            holders = sorted({r for r in range(layout.pp) for n in names if kept(n, plans[r])})
+            holders = sorted(
+                {
+                    r
+                    for r in range(layout.pp)
+                    for n in names
+                    if n.startswith("model.") and plans[r].keeps(n[6:])
+                }
+            )
             if len(holders) < 2:
                 continue
             group = None

@@ -12,7 +12,6 @@ q, k and v: one matmul and one backward all-reduce per attention instead of thre
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -153,8 +152,3 @@ def block_tp_plan(prefix: str, sequence_parallel: bool, comm_chunks: int) -> dic
         f"{prefix}.mlp.fc": ColumnParallel(**kw),
         f"{prefix}.mlp.proj": RowParallel(**kw),
     }
-
-
-def init_normal_(t: Tensor, std: float, generator: torch.Generator) -> Tensor:
-    """Fill ``t`` from ``generator`` (kept separate so every layout draws the same numbers)."""
-    return t.normal_(0.0, std, generator=generator)

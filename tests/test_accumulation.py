@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
 from lightning_par.callbacks import GlobalBatchSize
 from lightning_par.models import GPT
 from torch.utils.data import DataLoader
@@ -18,6 +17,7 @@ from tests.parity import (
     TINY,
     FixedBatches,
     Recorder,
+    assert_same_run,
     full,
     merge_ranks,
     quiet_trainer,
@@ -69,9 +69,9 @@ def _runs(rank: int, world: int) -> dict:
             callbacks=[callback, rec, norms],
         )
         model = GPT(**TINY, **OPTIM)
-        loader_batch = micro * (callback_steps := GLOBAL // (micro * kw.get("data_parallel_size", 1)))
-        if "pipeline_parallel_size" not in kw:
-            loader_batch = micro
+        # Under pipeline parallel a loader batch holds all the step's microbatches.
+        steps = GLOBAL // (micro * kw.get("data_parallel_size", 1))
+        loader_batch = micro * steps if "pipeline_parallel_size" in kw else micro
         trainer.fit(model, DataLoader(_uneven(), batch_size=loader_batch))
         k = trainer.accumulate_grad_batches  # Recorder's batch-end records: keep the last of each step
         out[name] = {
@@ -83,7 +83,6 @@ def _runs(rank: int, world: int) -> dict:
             "accumulate": trainer.accumulate_grad_batches,
             "microbatches": getattr(trainer.strategy, "num_microbatches", None),
             "consumed": (callback.consumed_samples, callback.consumed_tokens),
-            "expected_steps": callback_steps,
         }
     return out
 
@@ -91,34 +90,15 @@ def _runs(rank: int, world: int) -> dict:
 def test_accumulation_and_microbatches_equal_one_large_batch():
     results = run_distributed(_runs, 2, init_process_group=False, timeout=240)
     ref = reference_run(STEPS, GLOBAL, 0.05, _uneven())
-    data = _uneven()
+    assert ref["norms"][0] > 0.05  # clipping is active, so the norm of the accumulated gradient is tested
     for name, _, _ in RUNS:
         got = merge_ranks([r[name] for r in results])
-        r0 = results[0][name]
-        assert r0["consumed"][0] == STEPS * GLOBAL
-        # Every counted token of the 3 global batches, over both replicas.
-        assert len(got["grads"]) == STEPS, name
-        for key in ("grads", "clipped"):
-            for step, (g, rf) in enumerate(zip(got[key], ref[key], strict=True)):
-                for p in rf:
-                    torch.testing.assert_close(
-                        g[p],
-                        rf[p],
-                        rtol=RTOL,
-                        atol=ATOL,
-                        msg=lambda m, p=p, s=step, k=key, n=name: f"{n} {k} {s} {p}: {m}",
-                    )
-        torch.testing.assert_close(
-            torch.tensor(got["norms"]), torch.tensor(ref["norms"]), rtol=RTOL, atol=ATOL
-        )
-        for p, value in ref["params"].items():
-            torch.testing.assert_close(
-                got["params"][p], value, rtol=RTOL, atol=1e-5, msg=lambda m, p=p, n=name: f"{n} {p}: {m}"
-            )
+        assert results[0][name]["consumed"][0] == STEPS * GLOBAL
+        # Gradients (before and after clipping), norms and weights; the recorded losses are the
+        # micro-batches' own, so they are not compared with the reference's whole-batch losses.
+        assert_same_run(got, ref, RTOL, ATOL, TINY["vocab_size"], what=name, compare_losses=False)
     assert results[0]["tp2"]["accumulate"] == 2 and results[0]["dp2"]["accumulate"] == 2
     assert results[0]["pp2"]["accumulate"] == 1 and results[0]["pp2"]["microbatches"] == 2
-    assert ref["norms"][0] > 0.05  # clipping is active, so the norm of the accumulated gradient is tested
-    del data
 
 
 def test_bad_global_batch_size():

@@ -31,6 +31,7 @@ from tests.parity import (
     merge_ranks,
     quiet_trainer,
     reference_run,
+    save_tiny_gpt2,
     trainer_run,
 )
 
@@ -387,24 +388,7 @@ def _hf_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_pp4_tp2_pp2_dp2_pp2_and_hf(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=1001,
-        n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    hf = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # random biases and norms too, so a transposed or swapped tensor shows up
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    hf.save_pretrained(tmp_path)
+    hf = save_tiny_gpt2(tmp_path)
     results = run_distributed(_four_checks, 4, str(tmp_path), init_process_group=False, timeout=280)
 
     for i, (kw, dp) in enumerate(FOUR_PROCESS_RUNS):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 import lightning_par
 from tests.harness import run_distributed
-from tests.parity import TINY, FixedBatches, quiet_trainer
+from tests.parity import TINY, FixedBatches, quiet_trainer, save_tiny_gpt2
 
 VAL_DATA = dict(n=24, seq_len=TINY["block_size"], vocab=TINY["vocab_size"], seed=7)
 
@@ -178,24 +178,7 @@ def _layer_checks(rank: int, world: int, hf_dir: str) -> dict:
 
 
 def test_layer_checks_tp2(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=1001,
-        n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    hf = GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # random biases and norms too, so a transposed or swapped tensor shows up
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    hf.save_pretrained(tmp_path)
+    save_tiny_gpt2(tmp_path)
     results = run_distributed(_layer_checks, 2, str(tmp_path))
     for r in results:
         assert r["comm_spFalse"] == (
