@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,7 +329,8 @@ class PipelineRunner:
         num_microbatches: microbatches per batch.
         group: the pipeline process group (ranks that hold the other stages of this model replica).
         device: the device the stages compute on.
-        output_batch_dim: the batch dimension of the stage outputs (1: sequence-first activations).
+        output_batch_dim: the batch dimension of the last stage's output; ``None``: the network's
+            ``output_batch_dim`` attribute, else 1 (sequence-first activations).
         max_cached_shapes: schedules kept per mode; a batch of a new shape builds new stages.
         dp_group: the data-parallel group; training losses are divided by the tokens of the global batch
             (summed over it), so replicas' gradients are then summed, not averaged.
@@ -343,7 +344,7 @@ class PipelineRunner:
         num_microbatches: int,
         group: dist.ProcessGroup,
         device: torch.device,
-        output_batch_dim: int = 1,
+        output_batch_dim: int | None = None,
         max_cached_shapes: int = 4,
         dp_group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -353,6 +354,8 @@ class PipelineRunner:
         self.num_microbatches = num_microbatches
         self.group = group
         self.device = device
+        if output_batch_dim is None:
+            output_batch_dim = getattr(network, "output_batch_dim", 1)
         self.output_batch_dim = output_batch_dim
         self.max_cached_shapes = max_cached_shapes
         self.dp_group = dp_group
@@ -376,15 +379,21 @@ class PipelineRunner:
         self.last_stage_rank = dist.get_global_rank(group, last_owner)
 
     # ---- public entry points -------------------------------------------------------------------------
-    def loss(self, args: Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(
+        self, args: Sequence[Tensor], labels: Tensor, kwargs: Mapping[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(loss_sum, num_tokens)`` of the whole batch, the same on every pp rank.
+
+        ``args`` enter the first stage; ``kwargs`` (``[batch, ...]`` tensors such as a padding mask) reach
+        every stage's ``forward`` as keyword arguments, split into the same microbatches (every pp rank
+        has the whole batch, so nothing extra is sent between stages).
 
         In training mode with gradients enabled the schedule also runs every backward, leaving in this
         rank's parameters the gradients of ``loss_sum / global_tokens``, where ``global_tokens`` counts the
         batches of every data-parallel replica (so replicas' gradients are summed, not averaged).
         """
         train = torch.is_grad_enabled() and self.network.training
-        args, labels, _ = self._pad(list(args), labels)
+        args, labels, kwargs, _ = self._pad(list(args), labels, kwargs)
         num_tokens = self._count_tokens(labels)
         global_tokens = num_tokens.to(torch.float32)
         if train and self.dp_group is not None:
@@ -392,13 +401,13 @@ class PipelineRunner:
             dist.all_reduce(global_tokens, group=self.dp_group)
         grad_scale = self.grad_scale if train and self.grad_scale else 1.0
         self._loss_scale = grad_scale / global_tokens.clamp(min=1)
-        entry = self._entry("train" if train else "eval", args, labels)
+        entry = self._entry("train" if train else "eval", args, labels, kwargs)
         losses: list[Tensor] = []
         call = entry.schedule.step if train else entry.schedule.eval
-        kwargs: dict[str, Any] = {"target": labels if self.plan.has_last else None, "losses": losses}
+        options: dict[str, Any] = {"target": labels if self.plan.has_last else None, "losses": losses}
         if train:
-            kwargs["return_outputs"] = False
-        self._run(entry, call, args, kwargs)
+            options["return_outputs"] = False
+        self._run(entry, call, args, options, kwargs)
         # Each microbatch loss is its token sum x grad_scale / global_tokens: back to this batch's sum.
         if losses:
             loss_sum = torch.stack([t.detach().float() for t in losses]).sum() * global_tokens / grad_scale
@@ -409,11 +418,11 @@ class PipelineRunner:
         return out[0], out[1]
 
     @torch.no_grad()
-    def forward(self, args: Sequence[Tensor]) -> Tensor:
+    def forward(self, args: Sequence[Tensor], kwargs: Mapping[str, Tensor] | None = None) -> Tensor:
         """The last stage's output for the whole batch (forward only), returned on every pp rank."""
-        args, _, real_rows = self._pad(list(args), None)
-        entry = self._entry("predict", args, None)
-        output = self._run(entry, entry.schedule.eval, args, {})
+        args, _, kwargs, real_rows = self._pad(list(args), None, kwargs)
+        entry = self._entry("predict", args, None, kwargs)
+        output = self._run(entry, entry.schedule.eval, args, {}, kwargs)
         meta = torch.zeros(8, dtype=torch.int64, device=self.device)
         if self.plan.has_last:
             meta[0] = output.ndim
@@ -428,9 +437,12 @@ class PipelineRunner:
         return output.narrow(self.output_batch_dim, 0, real_rows)
 
     # ---- internals ---------------------------------------------------------------------------------
-    def _run(self, entry: _Entry, call: Callable, args: list[Tensor], kwargs: dict) -> Any:
+    def _run(
+        self, entry: _Entry, call: Callable, args: list[Tensor], options: dict, kwargs: dict[str, Tensor]
+    ) -> Any:
         entry.events.clear()
-        result = call(*(args if self.plan.has_first else ()), **kwargs)
+        # Keyword inputs go to the schedule on every rank: torch passes them to each stage's forward.
+        result = call(*(args if self.plan.has_first else ()), **kwargs, **options)
         if self.record_timeline:
             self.last_timeline = list(entry.events)
         for stage in entry.stages:  # free the microbatch outputs and activations kept for the next step
@@ -441,11 +453,16 @@ class PipelineRunner:
         count = getattr(self.network, "count_loss_tokens", None)
         return count(labels) if count is not None else (labels != IGNORE_INDEX).sum()
 
-    def _pad(self, args: list[Tensor], labels: Tensor | None) -> tuple[list[Tensor], Tensor | None, int]:
+    def _pad(
+        self, args: list[Tensor], labels: Tensor | None, kwargs: Mapping[str, Tensor] | None
+    ) -> tuple[list[Tensor], Tensor | None, dict[str, Tensor], int]:
         """Pad the batch to a multiple of ``num_microbatches`` rows (a short last batch).
 
         Padded rows have token 0 and ignored labels: they add nothing to the loss or the gradients.
+        Keyword inputs repeat the last real row, so a padding mask stays valid (a row that masks every
+        key would make attention NaN, and NaN times an ignored label is still NaN).
         """
+        kwargs = dict(kwargs or {})
         rows = args[0].shape[0]
         m = self.num_microbatches
         extra = -rows % m
@@ -453,14 +470,18 @@ class PipelineRunner:
             args = [torch.cat([a, a.new_zeros((extra, *a.shape[1:]))]) for a in args]
             if labels is not None:
                 labels = torch.cat([labels, labels.new_full((extra, *labels.shape[1:]), IGNORE_INDEX)])
-        return args, labels, rows
+            kwargs = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in kwargs.items()}
+        return args, labels, kwargs, rows
 
-    def _entry(self, mode: str, args: list[Tensor], labels: Tensor | None) -> _Entry:
+    def _entry(
+        self, mode: str, args: list[Tensor], labels: Tensor | None, kwargs: Mapping[str, Tensor]
+    ) -> _Entry:
         key = (
             mode,
             torch.is_inference_mode_enabled(),
             tuple((tuple(a.shape), a.dtype) for a in args),
             None if labels is None else tuple(labels.shape),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(kwargs.items())),
         )
         entry = self._cache.get(key)
         if entry is not None:
