@@ -6,9 +6,20 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_par.layout import ParallelLayout
-from lightning_par.strategy import HybridParallelStrategy, PipelineParallelStrategy, TensorParallelStrategy
+from lightning_par.strategy import (
+    ExpertParallelStrategy,
+    HybridParallelStrategy,
+    PipelineParallelStrategy,
+    TensorParallelStrategy,
+)
 
-__all__ = ["HybridParallelStrategy", "ParallelLayout", "PipelineParallelStrategy", "TensorParallelStrategy"]
+__all__ = [
+    "ExpertParallelStrategy",
+    "HybridParallelStrategy",
+    "ParallelLayout",
+    "PipelineParallelStrategy",
+    "TensorParallelStrategy",
+]
 __version__ = "0.1.0"
 
 _STRATEGIES = {
@@ -23,6 +34,21 @@ _STRATEGIES = {
         HybridParallelStrategy,
         "Tensor x pipeline parallel: tp fills a node (up to 8, at most half the devices), pp takes the rest.",
         {"tensor_parallel_size": None, "pipeline_parallel_size": None},
+    ),
+    "ep": (
+        ExpertParallelStrategy,
+        "Expert parallel over all devices (ep = dp = devices): experts split, dense weights data-parallel.",
+    ),
+    "tp_pp_ep": (
+        HybridParallelStrategy,
+        "Two data-parallel replicas that split the experts (ep = dp = 2); each replica is tp x pp by the "
+        "tp_pp rule (4 devices: pp=2; 8 devices: tp=2, pp=2).",
+        {
+            "tensor_parallel_size": None,
+            "pipeline_parallel_size": None,
+            "data_parallel_size": 2,
+            "expert_parallel_size": None,
+        },
     ),
 }
 

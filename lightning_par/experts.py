@@ -1,20 +1,32 @@
 """Mixture of experts: a top-k router (load-balancing and z losses, capacity) and expert-parallel dispatch.
 
-Where this sits: the building blocks of issue 5 (MoE GPT, ``strategy="ep"``). A MoE layer routes each
-token to ``top_k`` of ``num_experts`` expert MLPs; under expert parallelism each rank of the ep group
-holds ``num_experts / ep`` of them, and tokens travel to their experts and back with one
-``all_to_all_single`` each way (uneven split sizes, differentiable through
-``torch.distributed.nn.functional``). Nothing loops over tokens; the loop over a rank's own experts is a
-handful of matmuls.
+Where this sits: a GPT block whose MLP is a :class:`MoE` routes each token to ``top_k`` of ``num_experts``
+expert MLPs. Under expert parallelism (``expert_parallel_size = ep``) the strategy calls
+:meth:`MoE.shard_experts`, after which each rank of the ep group holds ``num_experts / ep`` experts, and
+tokens travel to their experts and back with one ``all_to_all_single`` each way (uneven split sizes,
+differentiable through ``torch.distributed.nn.functional``). Nothing loops over tokens; the loop over a
+rank's own experts is a handful of matmuls.
 
-Capacity is counted per sequence (each sequence is a routing group): which tokens are dropped then does not
-depend on how sequences are spread over ranks, so every layout drops the same tokens as one process.
-Dropped assignments contribute nothing; the token keeps its residual.
+Experts live in an ``nn.ModuleDict`` keyed by their *global* index (``experts.5.fc.weight`` on whichever
+rank holds expert 5), so parameter names, and checkpoints, do not depend on ep.
+
+Routing groups are sequences: capacity and the load-balancing loss are computed per sequence, so which
+tokens are dropped and what the loss is do not depend on how sequences are spread over ranks and
+microbatches. Dropped assignments contribute nothing; the token keeps its residual.
+
+The auxiliary losses enter the training loss as sums, like the token loss: a MoE layer adds
+``aux_loss_coef * T * sum_over_sequences(aux) + z_loss_coef * sum_over_tokens(z)`` (T tokens per sequence),
+and the model divides the total by the global batch's token count. With every token counted that is the
+familiar ``coef * mean_sequence(aux) + z_coef * mean_token(z)``. Without pipeline parallel the model adds
+the terms to its loss (:meth:`MoE.pop_aux`); under pipeline parallel a layer on an earlier stage cannot
+reach the last stage's loss, so its gradient is injected in backward with the pipeline's loss scale
+(:attr:`MoE.aux_grad_scale`, set by the runner).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +37,25 @@ from torch import Tensor, nn
 
 @dataclass
 class Routing:
-    """Where each token goes. ``N`` tokens, ``k`` choices each."""
+    """Where each token goes. ``N`` tokens, ``k`` choices each, in ``S`` sequences (routing groups)."""
 
     expert_index: Tensor  # [N, k] int64, global expert indices
     weights: Tensor  # [N, k] the router weights the expert outputs are combined with
     keep: Tensor  # [N, k] bool: False where the expert was over capacity (the assignment is dropped)
-    aux_loss: Tensor  # Switch load-balancing loss: E * sum_e fraction_e * mean_probability_e
-    z_loss: Tensor  # mean over tokens of logsumexp(logits)^2
+    aux_loss_sum: Tensor  # sum over sequences of the Switch loss E * sum_e fraction_e * mean_probability_e
+    z_loss_sum: Tensor  # sum over tokens of logsumexp(logits)^2
     load: Tensor  # [E] kept assignments per expert
+    num_sequences: int
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The load-balancing loss, averaged over sequences."""
+        return self.aux_loss_sum / max(self.num_sequences, 1)
+
+    @property
+    def z_loss(self) -> Tensor:
+        """The router z-loss, averaged over tokens."""
+        return self.z_loss_sum / max(self.expert_index.shape[0], 1)
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -81,29 +104,34 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: Tensor, seq_len: int) -> Routing:
         """Route ``x`` ``[N, C]`` whose rows are whole sequences of ``seq_len`` tokens, one after another."""
+        if x.shape[0] % seq_len:
+            raise ValueError(f"{x.shape[0]} tokens are not whole sequences of {seq_len}.")
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.gate.weight).float()
+        weight = self.gate.weight
+        weight = weight.to_local() if hasattr(weight, "to_local") else weight  # replicated over tp
+        logits = F.linear(x, weight).float()
         probs = logits.softmax(dim=-1)
         top_p, expert_index = probs.topk(self.top_k, dim=-1)
         weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p
         E, N, k = self.num_experts, x.shape[0], self.top_k
-        # Load balancing (Switch Transformer): fraction of assignments per expert x mean probability.
-        routed = F.one_hot(expert_index, E).sum(dim=1).float()  # [N, E]
-        fraction = routed.mean(dim=0) / k
-        aux_loss = E * (fraction * probs.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        S = N // seq_len
+        # Load balancing (Switch Transformer), per sequence: fraction of assignments per expert x mean
+        # probability, summed over sequences.
+        routed = F.one_hot(expert_index, E).sum(dim=1).float().view(S, seq_len, E)
+        fraction = routed.mean(dim=1) / k  # [S, E]
+        mean_prob = probs.view(S, seq_len, E).mean(dim=1)
+        aux_loss_sum = E * (fraction * mean_prob).sum()
+        z_loss_sum = torch.logsumexp(logits, dim=-1).square().sum()
         keep = self._capacity_mask(expert_index, N, seq_len)
         load = torch.zeros(E, device=x.device).index_add_(
             0, expert_index[keep], torch.ones_like(expert_index[keep], dtype=torch.float32)
         )
-        return Routing(expert_index, weights.to(x.dtype), keep, aux_loss, z_loss, load)
+        return Routing(expert_index, weights.to(x.dtype), keep, aux_loss_sum, z_loss_sum, load, S)
 
     def _capacity_mask(self, expert_index: Tensor, num_tokens: int, seq_len: int) -> Tensor:
         if self.capacity_factor is None:
             return torch.ones_like(expert_index, dtype=torch.bool)
-        if num_tokens % seq_len:
-            raise ValueError(f"{num_tokens} tokens are not whole sequences of {seq_len}.")
         E, k = self.num_experts, self.top_k
         capacity = math.ceil(self.capacity_factor * seq_len * k / E)
         # Priority: every token's first choice before any second choice (GShard), in token order.
@@ -113,52 +141,28 @@ class TopKRouter(nn.Module):
         position = (
             (one_hot.cumsum(dim=1) - 1).mul(one_hot).sum(dim=-1)
         )  # rank of each assignment in its expert
-        keep = (position < capacity).view(S, k, seq_len).transpose(1, 2).reshape(num_tokens, k)
-        return keep
-
-
-class GroupedExperts(nn.Module):
-    """``num_local_experts`` GELU MLPs (the GPT MLP's shape), stored as stacked weights.
-
-    Parameter names carry nothing layout-specific; the strategy records which global experts a rank holds
-    (``expert_offset``) so checkpoints use global indices.
-    """
-
-    def __init__(self, num_local_experts: int, n_embd: int, hidden: int, expert_offset: int = 0) -> None:
-        super().__init__()
-        self.expert_offset = expert_offset
-        self.fc_weight = nn.Parameter(torch.empty(num_local_experts, hidden, n_embd))
-        self.fc_bias = nn.Parameter(torch.zeros(num_local_experts, hidden))
-        self.proj_weight = nn.Parameter(torch.empty(num_local_experts, n_embd, hidden))
-        self.proj_bias = nn.Parameter(torch.zeros(num_local_experts, n_embd))
-
-    @property
-    def num_local_experts(self) -> int:
-        return self.fc_weight.shape[0]
-
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        """``x`` holds ``counts[e]`` tokens for local expert ``e``, one expert after another."""
-        outs = []
-        for e, part in enumerate(x.split(counts)):
-            h = F.gelu(F.linear(part, self.fc_weight[e], self.fc_bias[e]), approximate="tanh")
-            outs.append(F.linear(h, self.proj_weight[e], self.proj_bias[e]))
-        return torch.cat(outs) if outs else x
+        return (position < capacity).view(S, k, seq_len).transpose(1, 2).reshape(num_tokens, k)
 
 
 def moe_forward(
-    x: Tensor, routing: Routing, experts: GroupedExperts, num_experts: int, group: dist.ProcessGroup | None
+    x: Tensor,
+    routing: Routing,
+    run_experts: Callable[[Tensor, list[int]], Tensor],
+    num_experts: int,
+    group: dist.ProcessGroup | None,
 ) -> Tensor:
     """Send each kept assignment to its expert (all-to-all over ``group``), run the experts, combine.
 
-    ``x`` is ``[N, C]``; returns ``[N, C]``: sum over a token's kept choices of weight x expert(token).
+    ``x`` is ``[N, C]``; ``run_experts(tokens, counts)`` gets this rank's experts' tokens, ``counts[e]`` for
+    local expert ``e``, one expert after another, and returns their outputs in the same order. Returns
+    ``[N, C]``: the sum over a token's kept choices of weight x expert(token).
     """
     N, k = routing.expert_index.shape
     ep = 1 if group is None else dist.get_world_size(group)
     e_local = num_experts // ep
     flat_expert = routing.expert_index.reshape(-1)
-    flat_keep = routing.keep.reshape(-1)
     token = torch.arange(N, device=x.device).repeat_interleave(k)
-    assignment = flat_keep.nonzero().squeeze(-1)
+    assignment = routing.keep.reshape(-1).nonzero().squeeze(-1)
     expert = flat_expert[assignment]
     order = torch.argsort(expert, stable=True)  # expert-major: rank-major too, experts being in rank blocks
     assignment, expert = assignment[order], expert[order]
@@ -166,7 +170,7 @@ def moe_forward(
     per_expert = torch.bincount(expert, minlength=num_experts)  # [E] tokens this rank sends to each expert
 
     if ep == 1:
-        y = experts(send, per_expert.tolist())
+        y = run_experts(send, per_expert.tolist())
     else:
         from torch.distributed.nn.functional import all_to_all_single
 
@@ -182,11 +186,137 @@ def moe_forward(
         # Received rows are grouped by source rank, then by expert: regroup by expert for the matmuls.
         src_expert = torch.arange(e_local, device=x.device).repeat(ep).repeat_interleave(recv.reshape(-1))
         regroup = torch.argsort(src_expert, stable=True)
-        out = experts(received[regroup], recv.sum(dim=0).tolist())
+        out = run_experts(received[regroup], recv.sum(dim=0).tolist())
         back = torch.empty_like(out).index_copy(0, regroup, out)  # undo the regrouping (differentiable)
         y = all_to_all_single(
             x.new_empty((send.shape[0], x.shape[1])), back, send_splits, recv_splits, group=group
         )
 
     weight = routing.weights.reshape(-1)[assignment].unsqueeze(-1)
-    return torch.zeros_like(x).index_add(0, token[assignment], y * weight)
+    return torch.zeros_like(x).index_add(0, token[assignment], y * weight.to(y.dtype))
+
+
+class _InjectAuxGrad(torch.autograd.Function):
+    """Identity on ``out``; in backward, also gives ``aux`` the gradient ``scale`` (its loss weight).
+
+    How a MoE layer on an early pipeline stage takes part in a loss computed on the last stage.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, aux: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        ctx.aux_dtype = aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return grad, scale.to(ctx.aux_dtype).reshape(()), None
+
+
+STAT_FIELDS = ("kept", "assigned", "aux_loss_sum", "z_loss_sum", "sequences", "tokens")
+"""Per-layer routing statistics after the per-expert loads, in :meth:`MoE.pop_stats` vectors."""
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts MLP: ``[T, B, C] -> [T, B, C]`` (sequence-first, like the GPT blocks).
+
+    Args:
+        n_embd: model width.
+        num_experts: experts in the layer (``E``).
+        make_expert: builds one expert (the dense MLP module of the model: one implementation for both).
+        top_k: experts per token (1: Switch, 2: GShard / Mixtral).
+        capacity_factor: assignments an expert takes per sequence, ``ceil(factor * T * k / E)``;
+            ``None`` for dropless routing.
+        aux_loss_coef: weight of the Switch load-balancing loss.
+        z_loss_coef: weight of the router z-loss.
+        renormalize: rescale a token's top-k weights to sum to 1.
+        jitter: multiplicative uniform noise on the router input in training (0: off).
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        num_experts: int,
+        make_expert: Callable[[], nn.Module],
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        renormalize: bool = True,
+        jitter: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = TopKRouter(n_embd, num_experts, top_k, capacity_factor, renormalize, jitter)
+        self.experts = nn.ModuleDict({str(e): make_expert() for e in range(num_experts)})
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.group: dist.ProcessGroup | None = None
+        self.aux_grad_scale: Tensor | None = None
+        """Set by a pipeline runner while it trains: inject the aux gradient with this loss scale."""
+        self.record = True
+        """False while a pipeline stage infers shapes (a forward on placeholder data)."""
+        self._pending_aux: list[Tensor] = []
+        self._stats: Tensor | None = None
+
+    def shard_experts(self, group: dist.ProcessGroup | None, rank: int, size: int) -> None:
+        """Keep experts ``rank * E / size ...`` (this rank's block) and dispatch over ``group``."""
+        check_moe(self.num_experts, self.router.top_k, self.router.capacity_factor, size)
+        per_rank = self.num_experts // size
+        mine = {str(e) for e in range(rank * per_rank, (rank + 1) * per_rank)}
+        for key in list(self.experts.keys()):
+            if key not in mine:
+                del self.experts[key]
+        self.group = group if size > 1 else None
+
+    def _run_experts(self, x: Tensor, counts: list[int]) -> Tensor:
+        parts = x.split(counts)
+        outs = [
+            self.experts[key](part) for key, part in zip(sorted(self.experts, key=int), parts, strict=True)
+        ]
+        return torch.cat(outs) if outs else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        T, B, C = x.shape
+        flat = x.transpose(0, 1).reshape(B * T, C)  # whole sequences, one after another
+        routing = self.router(flat, T)
+        y = moe_forward(flat, routing, self._run_experts, self.num_experts, self.group)
+        y = y.view(B, T, C).transpose(0, 1)
+        if self.training and self.record:
+            aux = self.aux_loss_coef * T * routing.aux_loss_sum + self.z_loss_coef * routing.z_loss_sum
+            if torch.is_grad_enabled():
+                if self.aux_grad_scale is not None:
+                    y = _InjectAuxGrad.apply(y, aux, self.aux_grad_scale)
+                    self._pending_aux.append(aux.detach())
+                else:
+                    self._pending_aux.append(aux)
+            self._record(routing, T)
+        return y
+
+    def _record(self, routing: Routing, seq_len: int) -> None:
+        with torch.no_grad():
+            extra = torch.stack(
+                [
+                    routing.keep.sum().float(),
+                    torch.tensor(float(routing.keep.numel()), device=routing.keep.device),
+                    routing.aux_loss_sum.detach().float(),
+                    routing.z_loss_sum.detach().float(),
+                    torch.tensor(float(routing.num_sequences), device=routing.keep.device),
+                    torch.tensor(float(routing.num_sequences * seq_len), device=routing.keep.device),
+                ]
+            )
+            row = torch.cat([routing.load, extra.to(routing.load.device)])
+            self._stats = row if self._stats is None else self._stats + row
+
+    def pop_aux(self) -> Tensor | None:
+        """The weighted aux-loss sums of the forwards since the last call (with graph when not injected)."""
+        if not self._pending_aux:
+            return None
+        total = torch.stack(self._pending_aux).sum()
+        self._pending_aux = []
+        return total
+
+    def pop_stats(self) -> Tensor | None:
+        """``[E + 6]``: per-expert kept load, then :data:`STAT_FIELDS`, summed since the last call."""
+        stats, self._stats = self._stats, None
+        return stats

@@ -3,6 +3,12 @@
 Every other part of the package asks the layout for its process groups instead of keeping module-level
 "parallel state". Mesh dimensions run outermost to innermost as ``pp``, ``dp``, ``tp``: tensor parallel
 peers are adjacent ranks (inside one node on a GPU cluster), pipeline stages are the farthest apart.
+
+Expert parallel is carved out of data parallel: the ``dp`` replicas of a (pp, tp) position are split into
+``dp / ep`` expert-data-parallel groups of ``ep`` adjacent replicas, and each such group shares one set of
+experts, ``num_experts / ep`` per rank. Dense parameters are still replicated over all ``dp`` replicas
+(gradients reduced over ``dp``); an expert's parameters over the ``dp / ep`` replicas that hold it
+(reduced over that expert-data-parallel group). Experts are tensor-parallel over ``tp`` like the dense MLP.
 """
 
 from __future__ import annotations
@@ -25,15 +31,28 @@ class ParallelLayout:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     sequence_parallel: bool = False
+    expert_parallel_size: int = 1
+    """Ranks that split the experts of a MoE layer; a divisor of ``data_parallel_size``."""
 
     def __post_init__(self) -> None:
-        for name in ("data_parallel_size", "tensor_parallel_size", "pipeline_parallel_size"):
+        for name in (
+            "data_parallel_size",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "expert_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= 1.")
         if self.sequence_parallel and self.tensor_parallel_size == 1:
             # Not an error in Megatron either, but worth knowing: with tp=1 there is nothing to shard.
             object.__setattr__(self, "sequence_parallel", False)
+        if self.data_parallel_size % self.expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size={self.expert_parallel_size} does not divide data_parallel_size="
+                f"{self.data_parallel_size}: the expert-parallel group is carved out of the data-parallel "
+                f"ranks; valid expert_parallel_size: {_divisors(self.data_parallel_size)}."
+            )
 
     @property
     def world_size(self) -> int:
@@ -51,6 +70,10 @@ class ParallelLayout:
     def pp(self) -> int:
         return self.pipeline_parallel_size
 
+    @property
+    def ep(self) -> int:
+        return self.expert_parallel_size
+
     @classmethod
     def from_world_size(
         cls,
@@ -60,6 +83,7 @@ class ParallelLayout:
         pipeline_parallel_size: int | None = 1,
         sequence_parallel: bool = False,
         devices_per_node: int | None = None,
+        expert_parallel_size: int | None = 1,
     ) -> ParallelLayout:
         """Fill in whichever sizes are ``None`` so that the product matches ``world_size``.
 
@@ -69,6 +93,7 @@ class ParallelLayout:
           most half the ranks, then pipeline parallel takes the rest: ``tp = min(8, devices_per_node,
           world / dp / 2)``, ``pp = world / dp / tp``. 4 devices: tp=2, pp=2; 8: tp=4, pp=2;
           16 on 2 nodes of 8: tp=8, pp=2; 32: tp=8, pp=4.
+        * ``expert_parallel_size=None``: every data-parallel replica (``ep = dp``).
         """
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size={world_size!r} is not valid: it must be an integer >= 1.")
@@ -86,7 +111,13 @@ class ParallelLayout:
             while per_replica % tp:
                 tp -= 1
             return cls.from_world_size(
-                world_size, tp, data_parallel_size, per_replica // tp, sequence_parallel, devices_per_node
+                world_size,
+                tp,
+                data_parallel_size,
+                per_replica // tp,
+                sequence_parallel,
+                devices_per_node,
+                expert_parallel_size,
             )
         if pp is None:
             known = (tensor_parallel_size or 1) * (data_parallel_size or 1)
@@ -130,6 +161,7 @@ class ParallelLayout:
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
             sequence_parallel=sequence_parallel,
+            expert_parallel_size=dp if expert_parallel_size is None else expert_parallel_size,
         )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
@@ -141,6 +173,33 @@ class ParallelLayout:
             )
         return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIM_NAMES)
 
+    def expert_groups(self, mesh: DeviceMesh) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """This rank's expert-parallel group and expert-data-parallel group (``None`` where size 1).
+
+        Within each (pp, tp) position the dp replicas ``d`` form ep groups of adjacent replicas
+        (``d // ep`` equal) and expert-data-parallel groups of replicas holding the same experts
+        (``d % ep`` equal). Every rank takes part in creating every group, in the same order.
+        """
+        ep, edp = self.ep, self.dp // self.ep
+        ranks = mesh.mesh.view(self.pp, edp, ep, self.tp)
+        me = dist.get_rank()
+        ep_group = edp_group = None
+        for p in range(self.pp):
+            for t in range(self.tp):
+                if ep > 1:
+                    for e in range(edp):
+                        members = [int(r) for r in ranks[p, e, :, t]]
+                        g = dist.new_group(members)
+                        if me in members:
+                            ep_group = g
+                if edp > 1:
+                    for i in range(ep):
+                        members = [int(r) for r in ranks[p, :, i, t]]
+                        g = dist.new_group(members)
+                        if me in members:
+                            edp_group = g
+        return ep_group, edp_group
+
     def describe(self, backend: str | None = None) -> dict[str, Any]:
         """The layout as a flat dict for loggers (W&B run config) and checkpoints."""
         info = {
@@ -148,6 +207,7 @@ class ParallelLayout:
             "tp": self.tp,
             "pp": self.pp,
             "sequence_parallel": self.sequence_parallel,
+            "ep": self.ep,
             "world_size": self.world_size,
         }
         if backend is not None:

@@ -7,13 +7,15 @@ Flow of one run (``Trainer(strategy="tp_pp", devices=N)``):
 2. ``setup_environment``: process group (NCCL on CUDA, gloo on CPU) and the ``(pp, dp, tp)`` DeviceMesh.
 3. Lightning calls the module's ``configure_model`` under :meth:`tensor_init_context` (meta device).
 4. ``setup``: under pipeline parallel the network is cut to this rank's stages
-   (:mod:`lightning_par.pipeline`); the module's tensor-parallel plan is applied with
+   (:mod:`lightning_par.pipeline`); each mixture-of-experts layer keeps this rank's block of experts
+   and dispatches over the expert-parallel group (:mod:`lightning_par.experts`); the module's tensor-parallel plan is applied with
    ``parallelize_module``; parameters are materialised and filled by the module's ``init_weights`` (same
    numbers on every layout); tied weights are tied again; metrics are pointed at the data-parallel group;
    optimizers are built.
 5. Each optimizer step: forward and backward run as usual (with pp > 1, inside ``training_step``, by the
    schedule; ``backward`` only runs the hooks); then the gradients are summed over the tensor-parallel
-   group where sequence parallel left them partial, averaged over data parallel (one flat bucket each),
+   group where sequence parallel left them partial, averaged over data parallel (one flat bucket each;
+   expert parameters over their expert-data-parallel group only),
    summed between the copies of a weight tied across pipeline ranks, clipped by the true global norm,
    and the optimizer steps.
 6. Checkpoints: every rank writes its shards, atomically, and loads any layout's checkpoint without
@@ -47,6 +49,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 
 from lightning_par.checkpoint import ResumableLoader, load_sharded, save_sharded
+from lightning_par.experts import MoE
 from lightning_par.gradients import (
     bucket_all_reduce,
     is_replicated_dtensor,
@@ -85,6 +88,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             parameter count, the embedding on the first stage and the head on the last counted in).
         pipeline_timeline: record each stage's forward, backward and idle time in the second training step,
             draw it as a Gantt chart (PNG in the log directory) and log it with the bubble fraction.
+        expert_parallel_size: ranks that split each mixture-of-experts layer's experts, carved out of the
+            data-parallel replicas (it must divide ``data_parallel_size``; see
+            :class:`~lightning_par.layout.ParallelLayout`). ``None``: all of them (``ep = dp``).
         sequence_parallel: run LayerNorm, dropout and residuals on sequence shards (reduce-scatter /
             all-gather instead of all-reduce).
         tp_comm_chunks: split the batch into this many chunks inside the transformer blocks, so that one
@@ -105,6 +111,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         virtual_pipeline_size: int | None = None,
         pipeline_stage_boundaries: list[int] | None = None,
         pipeline_timeline: bool = False,
+        expert_parallel_size: int | None = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -118,6 +125,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         for name, value in (
             ("tensor_parallel_size", tensor_parallel_size),
             ("data_parallel_size", data_parallel_size),
+            ("expert_parallel_size", expert_parallel_size),
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid: it must be None or an integer >= 1.")
@@ -144,6 +152,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._tp_arg = tensor_parallel_size
         self._dp_arg = data_parallel_size
         self._pp_arg = pipeline_parallel_size
+        self._ep_arg = expert_parallel_size
         self.sequence_parallel = sequence_parallel
         self.tp_comm_chunks = tp_comm_chunks
         self.pipeline_schedule = pipeline_schedule
@@ -165,6 +174,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._step_tokens: list[Tensor] = []
         self._grads_are_sums = False
         self._watchdog: FailureWatchdog | None = None
+        # Expert parallel: the ep group (dispatch) and the group of replicas holding the same experts.
+        self._ep_group: dist.ProcessGroup | None = None
+        self._edp_group: dist.ProcessGroup | None = None
+        self._expert_param_ids: set[int] = set()
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -176,6 +189,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
             pipeline_parallel_size=self._pp_arg,
             sequence_parallel=self.sequence_parallel,
             devices_per_node=self.num_processes,
+            expert_parallel_size=self._ep_arg,
         )
         if layout.pp > 1:
             check_schedule(
@@ -206,6 +220,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._setup_distributed()
         self.layout = self._resolve_layout()
         self._device_mesh = self.layout.build_mesh(self.root_device.type)
+        if self.layout.ep > 1:
+            self._ep_group, self._edp_group = self.layout.expert_groups(self._device_mesh)
+        elif self.layout.dp > 1:
+            self._edp_group = self.dp_group  # every replica holds every expert
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -291,6 +309,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._tie_groups = tied_names(module)  # before anything unties them
         if layout.pp > 1:
             self._split_pipeline(module)
+        self._shard_experts(module)
         if layout.tp > 1:
             plan_fn = getattr(module, "tensor_parallel_plan", None)
             if plan_fn is None:
@@ -315,6 +334,18 @@ class HybridParallelStrategy(ModelParallelStrategy):
             init()
         if self._tied:
             self._norm_duplicates = self._tied_copies(module)
+        self._expert_param_ids = {
+            id(p) for m in module.modules() if isinstance(m, MoE) for p in m.experts.parameters()
+        }
+
+    def _shard_experts(self, module: nn.Module) -> None:
+        """Keep this rank's block of every MoE layer's experts (still on meta) and wire the ep group."""
+        layout = self.layout
+        assert layout is not None
+        ep_rank = self.device_mesh["dp"].get_local_rank() % layout.ep
+        for m in module.modules():
+            if isinstance(m, MoE):
+                m.shard_experts(self._ep_group, ep_rank, layout.ep)
 
     # ---- pipeline parallel ----------------------------------------------------------------------------
     def _split_pipeline(self, module: nn.Module) -> None:
@@ -526,19 +557,26 @@ class HybridParallelStrategy(ModelParallelStrategy):
             # bias) sees only this rank's sequence shard, so its gradient is a partial sum.
             partial = [p.grad.to_local() for p in params if is_replicated_dtensor(p.grad)]
             bucket_all_reduce(partial, self.tp_group, scale=1.0)
-        grads = [local(p.grad) for p in params]
+        # Experts are held by the dp / ep replicas of their expert-data-parallel group, and each already
+        # has the contributions of every token the ep group sent it: they are reduced over that group only.
+        grads = [local(p.grad) for p in params if id(p) not in self._expert_param_ids]
+        expert_grads = [local(p.grad) for p in params if id(p) in self._expert_param_ids]
+        scale = None
         if self._grads_are_sums:
             # Token sums of every micro-batch on every replica: divide by the global batch's tokens.
             total = torch.stack(self._step_tokens).sum().to(torch.float64)
             if self.layout.dp > 1:
                 dist.all_reduce(total, group=self.dp_group)
-                bucket_all_reduce(grads, self.dp_group, scale=1.0 / float(total.clamp(min=1)))
-            elif grads:
-                torch._foreach_mul_(grads, 1.0 / float(total.clamp(min=1)))
+            scale = 1.0 / float(total.clamp(min=1))
         elif self.layout.dp > 1:
             # Under pipeline parallel each replica already divided by the global batch's tokens: sum.
             scale = 1.0 if self.pipeline is not None else 1.0 / self.layout.dp
-            bucket_all_reduce(grads, self.dp_group, scale=scale)
+        if scale is not None:
+            for group, tensors in ((self.dp_group, grads), (self._edp_group, expert_grads)):
+                if self.layout.dp > 1 and group is not None:
+                    bucket_all_reduce(tensors, group, scale=scale)
+                elif tensors and scale != 1.0:
+                    torch._foreach_mul_(tensors, scale)
         self._step_tokens, self._grads_are_sums = [], False
         if self._tied:
             # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
@@ -559,23 +597,32 @@ class HybridParallelStrategy(ModelParallelStrategy):
         """
         if norm_type != 2.0:
             raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
-        sharded, replicated = [], []
+        # [dense sharded, dense replicated, expert sharded, expert replicated]
+        parts: list[list[Tensor]] = [[], [], [], []]
         for p in params:
             if p.grad is None or id(p) in self._norm_duplicates:
                 continue
             g = p.grad
-            if isinstance(g, DTensor) and not is_replicated_dtensor(g):
-                sharded.append(g.to_local())
-            else:
-                replicated.append(local(g))
+            kind = 0 if isinstance(g, DTensor) and not is_replicated_dtensor(g) else 1
+            parts[kind + (2 if id(p) in self._expert_param_ids else 0)].append(local(g))
         device = self.root_device
-        sq_sharded = sum_squares(sharded, device)
+        sq = torch.stack([sum_squares(part, device) for part in parts])
         if self.layout is not None and self.layout.tp > 1:
-            dist.all_reduce(sq_sharded, group=self.tp_group)
-        total = sq_sharded + sum_squares(replicated, device)
+            sq[0::2] = self._all_reduced(sq[0::2], self.tp_group)
+        expert = sq[2] + sq[3]
+        if self._ep_group is not None:
+            # Each rank of the ep group holds other experts: their squares add up.
+            dist.all_reduce(expert, group=self._ep_group)
+        total = sq[0] + sq[1] + expert
         if self.layout is not None and self.layout.pp > 1:
             dist.all_reduce(total, group=self.pp_group)
         return total.sqrt()
+
+    @staticmethod
+    def _all_reduced(t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t, group=group)
+        return t
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float | int) -> None:
         params = list(optimizer_params(optimizer))
@@ -651,6 +698,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
             self._watchdog = None
 
     # ---- logging --------------------------------------------------------------------------------------
+    def sum_over_replicas_and_stages(self, tensor: Tensor) -> Tensor:
+        """Sum a statistic over data-parallel replicas and pipeline stages (tp peers hold the same one)."""
+        assert self.layout is not None
+        out = tensor.detach().clone()
+        if self.layout.dp > 1:
+            dist.all_reduce(out, group=self.dp_group)
+        if self.layout.pp > 1:
+            dist.all_reduce(out, group=self.pp_group)
+        return out
+
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         """Reduce a logged value over data-parallel ranks only (tp/pp peers hold the same number)."""
         if not isinstance(tensor, Tensor) or self._device_mesh is None or self.layout is None:
@@ -729,6 +786,33 @@ class PipelineParallelStrategy(HybridParallelStrategy):
             virtual_pipeline_size=virtual_pipeline_size,
             pipeline_stage_boundaries=pipeline_stage_boundaries,
             pipeline_timeline=pipeline_timeline,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+
+class ExpertParallelStrategy(HybridParallelStrategy):
+    """Expert parallel for mixture-of-experts models, with data parallel over the same ranks.
+
+    ``Trainer(strategy="ep", devices=N)``: each MoE layer's experts are split over the N ranks (N must
+    divide ``num_experts``), every dense parameter is replicated over them (data parallel), and each rank
+    reads its own share of the data. ``ExpertParallelStrategy(expert_parallel_size=2, data_parallel_size=4)``
+    keeps two copies of every expert (see :class:`~lightning_par.layout.ParallelLayout` for the rule).
+    """
+
+    def __init__(
+        self,
+        expert_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
+        tensor_parallel_size: int = 1,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            pipeline_parallel_size=1,
+            expert_parallel_size=expert_parallel_size,
             process_group_backend=process_group_backend,
             timeout=timeout,
         )

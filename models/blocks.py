@@ -96,13 +96,15 @@ class Block(nn.Module):
         layer_norm_eps: float = 1e-5,
         mlp_hidden: int | None = None,
         gelu: str = "tanh",
+        mlp: nn.Module | None = None,
     ) -> None:
+        """``mlp`` replaces the dense MLP (a :class:`lightning_par.experts.MoE` layer)."""
         super().__init__()
         self.pre_norm = pre_norm
         self.ln_1 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
         self.attn = SelfAttention(n_embd, n_head, bias, dropout, causal)
         self.ln_2 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
-        self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, bias, dropout, gelu)
+        self.mlp = mlp if mlp is not None else MLP(n_embd, mlp_hidden or 4 * n_embd, bias, dropout, gelu)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         if self.pre_norm:

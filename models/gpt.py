@@ -21,17 +21,20 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning_par.models.blocks import Block, block_tp_plan, forward_interleaved
+from lightning_par.models.blocks import MLP, Block, block_tp_plan, forward_interleaved
 from lightning_par.models.metrics import TokenMeanLoss
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from lightning_par.experts import STAT_FIELDS, MoE, check_moe
 from lightning_par.tensor_parallel import (
+    ColumnParallel,
     LayerNorm,
     ParallelEmbedding,
     ParallelLinear,
     Replicated,
+    RowParallel,
     VocabParallel,
     local,
     vocab_parallel_cross_entropy,
@@ -55,6 +58,16 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     pad_vocab_size_multiple: int = 64
     """The vocabulary is padded to a multiple of this (and of tp); padded rows never change the loss."""
+    num_experts: int = 0
+    """Experts per MoE layer; 0 for a dense model."""
+    moe_top_k: int = 2
+    moe_layer_freq: int = 2
+    """Every ``moe_layer_freq``-th block (layers ``freq - 1``, ``2 freq - 1``, ...) has a MoE MLP."""
+    moe_capacity_factor: float | None = None
+    """Assignments per expert and sequence: ``ceil(factor * T * k / E)``; None: dropless."""
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+    moe_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pad_vocab_size_multiple"):
@@ -68,6 +81,25 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} is not valid: it must be in [0, 1).")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"num_experts={self.num_experts!r} is not valid: it must be 0 (dense) or >= 1.")
+        if self.num_experts:
+            check_moe(self.num_experts, self.moe_top_k, self.moe_capacity_factor)
+            if not isinstance(self.moe_layer_freq, int) or not 1 <= self.moe_layer_freq <= self.n_layer:
+                raise ValueError(
+                    f"moe_layer_freq={self.moe_layer_freq!r} is not valid: it must be between 1 and "
+                    f"n_layer={self.n_layer}."
+                )
+            for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_jitter"):
+                if getattr(self, name) < 0:
+                    raise ValueError(f"{name}={getattr(self, name)} is not valid: it must be >= 0.")
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Global indices of the blocks whose MLP is a mixture of experts."""
+        if not self.num_experts:
+            return []
+        return [i for i in range(self.n_layer) if (i + 1) % self.moe_layer_freq == 0]
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         multiple = math.lcm(self.pad_vocab_size_multiple, tensor_parallel_size)
@@ -100,15 +132,47 @@ class GPTNetwork(nn.Module):
         self.cfg = cfg
         self.padded_vocab = padded_vocab
         self.embed: GPTEmbedding | None = GPTEmbedding(cfg, padded_vocab)
+        moe = set(cfg.moe_layers)
         self.layers = nn.ModuleDict(
             {
-                str(i): Block(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout, True, True, cfg.layer_norm_eps)
+                str(i): Block(
+                    cfg.n_embd,
+                    cfg.n_head,
+                    cfg.bias,
+                    cfg.dropout,
+                    True,
+                    True,
+                    cfg.layer_norm_eps,
+                    mlp=self._moe(cfg) if i in moe else None,
+                )
                 for i in range(cfg.n_layer)
             }
         )
         self.norm: LayerNorm | None = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.head: ParallelLinear | None = ParallelLinear(cfg.n_embd, padded_vocab, bias=False)
         self.tie_weights()
+
+    @staticmethod
+    def _moe(cfg: GPTConfig) -> MoE:
+        return MoE(
+            cfg.n_embd,
+            cfg.num_experts,
+            lambda: MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout),
+            top_k=cfg.moe_top_k,
+            capacity_factor=cfg.moe_capacity_factor,
+            aux_loss_coef=cfg.moe_aux_loss_coef,
+            z_loss_coef=cfg.moe_z_loss_coef,
+            jitter=cfg.moe_jitter,
+        )
+
+    def moe_modules(self) -> dict[int, MoE]:
+        """This rank's MoE layers by global layer index."""
+        return {int(i): b.mlp for i, b in self.layers.items() if isinstance(b.mlp, MoE)}
+
+    def pop_aux_loss(self) -> Tensor | None:
+        """The MoE layers' weighted aux-loss sums since the last call (added to the loss sum)."""
+        terms = [t for m in self.moe_modules().values() if (t := m.pop_aux()) is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def tie_weights(self) -> None:
         """Share the token embedding with the output head (again after sharding: see DESIGN §7)."""
@@ -143,8 +207,8 @@ class GPTNetwork(nn.Module):
         if not self.layers:
             return 1
         info = next(iter(self.layers.values())).attn.proj.tp
-        if info is None or info.sequence_parallel:
-            return 1
+        if info is None or info.sequence_parallel or self.cfg.num_experts:
+            return 1  # (MoE layers have no deferred all-reduce to overlap)
         return max(1, min(info.comm_chunks, batch_size))
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,7 +235,7 @@ class GPTNetwork(nn.Module):
             return None
         if ".ln_" in name or name.startswith("norm"):
             return None
-        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+        if name.endswith("attn.proj.weight") or (".mlp." in name and name.endswith("proj.weight")):
             return 0.02 / math.sqrt(2 * self.cfg.n_layer)
         return 0.02
 
@@ -265,6 +329,13 @@ class GPT(L.LightningModule):
         tie_embeddings: bool = True,
         layer_norm_eps: float = 1e-5,
         pad_vocab_size_multiple: int = 64,
+        num_experts: int = 0,
+        moe_top_k: int = 2,
+        moe_layer_freq: int = 2,
+        moe_capacity_factor: float | None = None,
+        moe_aux_loss_coef: float = 0.01,
+        moe_z_loss_coef: float = 0.001,
+        moe_jitter: float = 0.0,
         learning_rate: float = 3e-4,
         min_lr_ratio: float = 0.1,
         weight_decay: float = 0.1,
@@ -276,6 +347,15 @@ class GPT(L.LightningModule):
     ) -> None:
         """
         Args:
+            num_experts: experts per mixture-of-experts layer; 0 for a dense model.
+            moe_top_k: experts each token is sent to (1: Switch, 2: GShard / Mixtral).
+            moe_layer_freq: every ``moe_layer_freq``-th block has a MoE MLP (2: layers 1, 3, ...).
+            moe_capacity_factor: expert capacity per sequence, ``ceil(factor * T * k / E)``; tokens over it
+                are dropped (they keep their residual). ``None``: dropless.
+            moe_aux_loss_coef: weight of the Switch load-balancing loss (per sequence, summed over layers).
+            moe_z_loss_coef: weight of the router z-loss (per token, summed over layers).
+            moe_jitter: multiplicative router-input noise in training (0: off; nonzero makes runs on
+                different layouts draw different noise).
             learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
             min_lr_ratio: the cosine schedule decays to ``learning_rate * min_lr_ratio``.
             weight_decay: applied to matrices only (not to biases, LayerNorm or position embeddings).
@@ -297,6 +377,13 @@ class GPT(L.LightningModule):
             tie_embeddings=tie_embeddings,
             layer_norm_eps=layer_norm_eps,
             pad_vocab_size_multiple=pad_vocab_size_multiple,
+            num_experts=num_experts,
+            moe_top_k=moe_top_k,
+            moe_layer_freq=moe_layer_freq,
+            moe_capacity_factor=moe_capacity_factor,
+            moe_aux_loss_coef=moe_aux_loss_coef,
+            moe_z_loss_coef=moe_z_loss_coef,
+            moe_jitter=moe_jitter,
         )
         if learning_rate <= 0:
             raise ValueError(f"learning_rate={learning_rate} is not valid: it must be > 0.")
@@ -326,15 +413,31 @@ class GPT(L.LightningModule):
                 f"tensor_parallel_size={tensor_parallel_size} does not divide n_head={cfg.n_head}; "
                 f"valid tensor_parallel_size for this model: {valid}."
             )
+        if cfg.num_experts and sequence_parallel and tensor_parallel_size > 1:
+            raise ValueError(
+                "sequence_parallel=True is not supported with mixture-of-experts layers (num_experts="
+                f"{cfg.num_experts}): experts are tensor-parallel over whole sequences; use "
+                "sequence_parallel=False."
+            )
 
     def tensor_parallel_plan(self, sequence_parallel: bool, comm_chunks: int) -> dict[str, ParallelStyle]:
         kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
         plan: dict[str, ParallelStyle] = {
             "model.embed.wte": VocabParallel(self.config.vocab_size, **kw),
             "model.embed.wpe": Replicated(**kw),
-            **block_tp_plan("model.layers.*", sequence_parallel, comm_chunks),
             "model.norm": Replicated(**kw),
         }
+        moe = self.config.moe_layers
+        if not moe:
+            plan.update(block_tp_plan("model.layers.*", sequence_parallel, comm_chunks))
+        for i in range(self.config.n_layer) if moe else ():
+            layer = block_tp_plan(f"model.layers.{i}", sequence_parallel, comm_chunks)
+            if i in moe:
+                # Each expert is an MLP split like the dense one (the router stays whole on every tp rank).
+                layer = {k: v for k, v in layer.items() if ".mlp." not in k}
+                layer[f"model.layers.{i}.mlp.experts.*.fc"] = ColumnParallel(**kw)
+                layer[f"model.layers.{i}.mlp.experts.*.proj"] = RowParallel(**kw)
+            plan.update(layer)
         assert self.model is not None
         if not self.config.tie_embeddings or self.model.embed is None:
             # Untied, or tied to an embedding on another pipeline rank: the head is sharded on its own.
@@ -393,7 +496,9 @@ class GPT(L.LightningModule):
         if pipeline is not None:
             return pipeline.loss((batch["input_ids"],), batch["labels"])
         logits = self.model(batch["input_ids"])
-        return self.model.loss_fn(logits, batch["labels"])
+        loss_sum, num_tokens = self.model.loss_fn(logits, batch["labels"])
+        aux = self.model.pop_aux_loss()  # MoE load-balancing and z losses (training only)
+        return (loss_sum if aux is None else loss_sum + aux), num_tokens
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """The batch's token-mean loss, with its token count (the strategy weights micro-batches by it)."""
@@ -404,7 +509,34 @@ class GPT(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
+        if self.config.num_experts:
+            self._log_moe_statistics()
         return {"loss": loss, "num_tokens": num_tokens.detach()}
+
+    def _log_moe_statistics(self) -> None:
+        """Per MoE layer: tokens per expert, dropped fraction, aux and z losses, over the whole model replica
+        set (summed over data-parallel replicas and pipeline stages; tp peers hold the same numbers)."""
+        assert self.model is not None
+        cfg = self.config
+        rows, E = cfg.moe_layers, cfg.num_experts
+        stats = torch.zeros(len(rows), E + len(STAT_FIELDS), device=self.device)
+        for i, moe in self.model.moe_modules().items():
+            got = moe.pop_stats()
+            if got is not None:
+                stats[rows.index(i)] = got.to(stats.device)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and self.trainer.world_size > 1:
+            total = getattr(strategy, "sum_over_replicas_and_stages", None)
+            stats = total(stats) if total is not None else strategy.reduce(stats, reduce_op="sum")
+        for r, i in enumerate(rows):
+            load, (kept, assigned, aux_sum, z_sum, seqs, tokens) = stats[r, :E], stats[r, E:]
+            prefix = f"moe/layer{i}"
+            self.log(f"{prefix}/dropped_fraction", 1.0 - kept / assigned.clamp(min=1))
+            self.log(f"{prefix}/aux_loss", aux_sum / seqs.clamp(min=1))
+            self.log(f"{prefix}/z_loss", z_sum / tokens.clamp(min=1))
+            self.log(f"{prefix}/load_imbalance", load.max() / load.mean().clamp(min=1e-9))
+            for e in range(E):
+                self.log(f"{prefix}/tokens_expert{e}", load[e])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss_sum, num_tokens = self._loss(batch)
@@ -440,11 +572,19 @@ class GPT(L.LightningModule):
     def flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per trained token (forward + backward): 6 x matmul parameters + attention.
 
-        Matmul parameters are the blocks' linears and the head (tied or not, it is a matmul); embeddings are
+        Matmul parameters are the blocks' linears (for a MoE layer: the top-k experts a token visits and the
+        router) and the head (tied or not, it is a matmul); embeddings are
         lookups. Attention adds 12 x n_layer x seq_len x n_embd (scores and weighted values, fwd + bwd).
         """
         c = self.config
-        matmul_params = c.n_layer * (12 * c.n_embd * c.n_embd) + c.vocab_size * c.n_embd
+        moe = len(c.moe_layers)
+        mlp = 8 * c.n_embd * c.n_embd
+        matmul_params = (
+            c.n_layer * 4 * c.n_embd * c.n_embd  # attention
+            + (c.n_layer - moe) * mlp
+            + moe * (c.moe_top_k * mlp + c.n_embd * c.num_experts)  # active experts and the router
+            + c.vocab_size * c.n_embd
+        )
         return 6.0 * matmul_params + 12.0 * c.n_layer * seq_len * c.n_embd
 
     # ---- optimisation -----------------------------------------------------------------------------

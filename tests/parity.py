@@ -49,6 +49,7 @@ class Recorder(L.Callback):
         self.grads: list[dict[str, torch.Tensor]] = []
         self.clipped: list[dict[str, torch.Tensor]] = []
         self.norms: list[float] = []
+        self.moe: list[dict[str, float]] = []  # the MoE statistics the model logged, per step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.grads.append({n: full(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None})
@@ -60,6 +61,7 @@ class Recorder(L.Callback):
         norm = getattr(trainer.strategy, "last_grad_norm", None)
         if norm is not None:
             self.norms.append(float(norm))
+        self.moe.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("moe/")})
 
 
 def quiet_trainer(strategy: Any, devices: int, **kw: Any) -> L.Trainer:
@@ -106,6 +108,7 @@ def trainer_run(
         "clipped": rec.clipped,
         "norms": rec.norms,
         "params": params,
+        "moe": rec.moe,
     }
 
 
@@ -116,7 +119,7 @@ def merge_ranks(results: list[dict]) -> dict:
     to the embedding is a separate copy on the last stage: it must equal the embedding (gradients after
     the tie's sum, weights after every step) and is then dropped, as one process has a single tensor.
     """
-    merged = {k: results[0][k] for k in ("losses", "norms")}
+    merged = {k: results[0][k] for k in ("losses", "norms", "moe") if k in results[0]}
     for key in ("grads", "clipped"):
         steps = []
         for step in range(len(results[0][key])):
@@ -159,7 +162,7 @@ def reference_run(
     # sees exactly the union of what the data-parallel ranks see, step by step.
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=SEED)
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler)
-    out: dict[str, Any] = {"losses": [], "grads": [], "clipped": [], "norms": []}
+    out: dict[str, Any] = {"losses": [], "grads": [], "clipped": [], "norms": [], "moe": []}
     for step, batch in enumerate(loader):
         if step == steps:
             break
@@ -168,6 +171,8 @@ def reference_run(
         loss = loss_sum / n
         loss.backward()
         out["losses"].append(float(loss))
+        # MoE routing statistics of the step, per layer: [per-expert load, kept, assigned, ...].
+        out["moe"].append({i: m.pop_stats() for i, m in model.model.moe_modules().items()})
         out["grads"].append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
         if clip is not None:
             out["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))

@@ -1,0 +1,131 @@
+"""Mixture-of-experts GPT under expert parallel (alone and with tp, pp, dp): parity with one process.
+
+The reference is the same MoE GPT trained by a plain PyTorch loop in one process, every expert local
+(no all-to-all, no strategy). Parallel runs must give the same loss (token loss plus the aux losses),
+gradients, clipped gradients, norms and weights, and log the same routing statistics: the same tokens
+per expert and the same dropped fraction (so the same tokens were dropped) at every step.
+"""
+
+from __future__ import annotations
+
+import pytest
+from lightning_par.models import GPT
+
+import lightning_par
+from lightning_par.layout import ParallelLayout
+from tests.harness import run_distributed
+from tests.parity import TINY, FixedBatches, assert_same_run, merge_ranks, reference_run, trainer_run
+
+# The parity bar of every layout test: fp32 round-off from sums taken in another order (token sums
+# split over replicas and microbatches, expert outputs combined after a round trip through all-to-all).
+RTOL, ATOL = 1e-5, 1e-6
+STEPS, BATCH = 3, 4
+DROPLESS = {"n_layer": 4, "num_experts": 4, "moe_top_k": 2, "moe_layer_freq": 2}
+# Capacity ceil(0.5 * 16 tokens * 2 / 4 experts) = 4 assignments per expert and sequence: half dropped.
+CAPPED = {**DROPLESS, "moe_capacity_factor": 0.5}
+
+
+def _data() -> FixedBatches:
+    return FixedBatches(64, TINY["block_size"], TINY["vocab_size"], ignore_some=True)
+
+
+def _assert_same_routing(got: dict, ref: dict, model_kw: dict, what: str) -> None:
+    """Logged tokens per expert and dropped fraction equal the reference's, step by step and layer by layer."""
+    E = model_kw["num_experts"]
+    assert len(got["moe"]) == len(ref["moe"]) == STEPS
+    for step, (logged, raw) in enumerate(zip(got["moe"], ref["moe"], strict=True)):
+        for layer, stats in raw.items():
+            load, kept, assigned = stats[:E], stats[E], stats[E + 1]
+            for e in range(E):
+                assert logged[f"moe/layer{layer}/tokens_expert{e}"] == float(load[e]), (what, step, layer, e)
+            assert logged[f"moe/layer{layer}/dropped_fraction"] == pytest.approx(float(1 - kept / assigned))
+            if "moe_capacity_factor" not in model_kw:
+                assert float(load.sum()) == float(assigned)  # dropless: tokens x k assignments, all kept
+            else:
+                assert 0 < float(1 - kept / assigned) < 1  # the capped runs do drop tokens
+
+
+def _check(results: list[dict], batch: int, model_kw: dict, what: str) -> None:
+    got = merge_ranks(results)
+    ref = reference_run(STEPS, batch, 0.05, _data(), model_kw)
+    assert_same_run(got, ref, RTOL, ATOL, TINY["vocab_size"], what=what)
+    _assert_same_routing(got, ref, model_kw, what)
+
+
+# ---- 2 processes: ep2 dropless and capped, pp2 with MoE layers on both stages ---------------------------
+TWO_PROCESS_RUNS = [
+    ("ep2 dropless", lambda: lightning_par.ExpertParallelStrategy(), DROPLESS, 2),
+    ("ep2 capacity 0.5", lambda: "ep", CAPPED, 2),
+    (
+        "pp2 capped (MoE layers 1 and 3, one per stage)",
+        lambda: lightning_par.PipelineParallelStrategy(num_microbatches=2),
+        CAPPED,
+        1,
+    ),
+    (
+        "pp2 zbv dropless",
+        lambda: lightning_par.PipelineParallelStrategy(pipeline_schedule="zbv", num_microbatches=2),
+        DROPLESS,
+        1,
+    ),
+]
+
+
+def _two(rank: int, world: int) -> list[dict]:
+    return [
+        trainer_run(make(), world, STEPS, BATCH, 0.05, _data(), kw) for _, make, kw, _ in TWO_PROCESS_RUNS
+    ]
+
+
+def test_ep2_and_pp2_moe_match_one_process():
+    results = run_distributed(_two, 2, init_process_group=False, timeout=280)
+    for i, (what, _, kw, dp) in enumerate(TWO_PROCESS_RUNS):
+        _check([r[i] for r in results], BATCH * dp, kw, what)
+
+
+# ---- 4 processes: ep4, tp2 x ep2, pp2 x ep2 (the tp_pp_ep preset on 4 devices) ----------------------------
+FOUR_PROCESS_RUNS = [
+    ("ep4 dropless", lambda: "ep", DROPLESS, 4),
+    (
+        "dp2 x tp2 with ep2, capped",
+        lambda: lightning_par.HybridParallelStrategy(
+            tensor_parallel_size=2, data_parallel_size=2, expert_parallel_size=2
+        ),
+        CAPPED,
+        2,
+    ),
+    ("tp_pp_ep preset: pp2 x dp2 with ep2", lambda: "tp_pp_ep", DROPLESS, 2),
+]
+
+
+def _four(rank: int, world: int) -> list[dict]:
+    return [
+        trainer_run(make(), world, STEPS, BATCH, 0.05, _data(), kw) for _, make, kw, _ in FOUR_PROCESS_RUNS
+    ]
+
+
+def test_ep4_tp2_ep2_pp2_ep2_match_one_process():
+    results = run_distributed(_four, 4, init_process_group=False, timeout=280)
+    for i, (what, _, kw, dp) in enumerate(FOUR_PROCESS_RUNS):
+        _check([r[i] for r in results], BATCH * dp, kw, what)
+
+
+# ---- no processes ---------------------------------------------------------------------------------------
+def test_expert_parallel_layout_rule_and_bad_input():
+    layout = ParallelLayout.from_world_size(8, 2, None, 1, expert_parallel_size=2)
+    assert (layout.dp, layout.tp, layout.ep) == (4, 2, 2)
+    assert ParallelLayout.from_world_size(4, 1, None, 1, expert_parallel_size=None).ep == 4
+    with pytest.raises(ValueError, match=r"expert_parallel_size=3 does not divide data_parallel_size=4"):
+        ParallelLayout.from_world_size(4, 1, None, 1, expert_parallel_size=3)
+    with pytest.raises(ValueError, match=r"moe_top_k=5 is not valid: it must be between 1 and num_experts=4"):
+        GPT(**{**TINY, **DROPLESS, "moe_top_k": 5})
+    with pytest.raises(ValueError, match=r"moe_capacity_factor=0.0 is not valid: it must be > 0"):
+        GPT(**{**TINY, **DROPLESS, "moe_capacity_factor": 0.0})
+    with pytest.raises(ValueError, match=r"moe_layer_freq=5 is not valid"):
+        GPT(**{**TINY, **DROPLESS, "moe_layer_freq": 5})
+    # Parameter names carry global expert indices: the same keys whatever ep shards them.
+    model = GPT(**{**TINY, **DROPLESS})
+    model.configure_model()
+    names = {n for n, _ in model.named_parameters()}
+    assert {f"model.layers.{i}.mlp.experts.{e}.fc.weight" for i in (1, 3) for e in range(4)} <= names
+    assert "model.layers.0.mlp.fc.weight" in names and "model.layers.1.mlp.fc.weight" not in names
