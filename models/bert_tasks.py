@@ -185,6 +185,11 @@ class _BERTModule(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The logits of :meth:`forward` (returned on every rank, also under pipeline parallel)."""
+        self.check_batch({k: v for k, v in batch.items() if k != "labels"})
+        return self(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", prog_bar=True)
 

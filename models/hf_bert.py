@@ -275,3 +275,25 @@ def export_bert(model: Any, out_dir: str | os.PathLike) -> Path:
     if model.model is None:
         raise RuntimeError("call configure_model() before export: the model has no network yet.")
     return save_bert_hf(model.model.state_dict(), model.config, out_dir)
+
+
+def export_bert_checkpoint(
+    hparams: dict[str, Any], saved: Any, load: Callable[[dict[str, Tensor]], None], out_dir: str | os.PathLike
+) -> Path:
+    """``lightning-par export-hf`` for a BERT checkpoint: rebuild the model whole, ``load`` its state, save.
+
+    ``saved`` is the checkpoint's tensor metadata (names and sizes: the task and the padded vocabulary);
+    ``load(state_dict)`` fills the given whole tensors from the checkpoint.
+    """
+    import inspect
+
+    from lightning_par.models.bert import BERTNetwork
+    from lightning_par.models.bert_tasks import BERT, BERTClassifier
+
+    cls = BERTClassifier if "model.head.classifier.weight" in saved else BERT
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "hf_checkpoint"}
+    model = cls(**{k: v for k, v in hparams.items() if k in accepted})
+    model.model = BERTNetwork(model.config, int(saved["model.embed.wte.weight"].size[0]))
+    state = model.state_dict()
+    load(state)
+    return export_bert(model, out_dir)
