@@ -363,6 +363,8 @@ class PipelineRunner:
             s: stage_view(network, plan.layers[s], s == 0, s == plan.num_stages - 1) for s in plan.stages
         }
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        # Modules with auxiliary losses (``aux_grad_scale``, ``pop_aux``, ``record``: MoE layers).
+        self._aux_modules = [m for m in network.modules() if hasattr(m, "aux_grad_scale")]
         self._loss_scale: Tensor | None = None
         self.record_timeline = False
         self.grad_scale: float | None = None
@@ -407,15 +409,26 @@ class PipelineRunner:
         options: dict[str, Any] = {"target": labels if self.plan.has_last else None, "losses": losses}
         if train:
             options["return_outputs"] = False
-        self._run(entry, call, args, options, kwargs)
+        # Auxiliary losses of layers on any stage (MoE load balancing) get their gradient injected in
+        # backward with the same scale as the token loss.
+        for m in self._aux_modules:
+            m.aux_grad_scale = self._loss_scale if train else None
+        try:
+            self._run(entry, call, args, options, kwargs)
+        finally:
+            for m in self._aux_modules:
+                m.aux_grad_scale = None
         # Each microbatch loss is its token sum x grad_scale / global_tokens: back to this batch's sum.
         if losses:
             loss_sum = torch.stack([t.detach().float() for t in losses]).sum() * global_tokens / grad_scale
         else:
             loss_sum = torch.zeros(())
-        out = torch.stack([loss_sum.to(self.device), num_tokens.to(self.device, torch.float32)])
-        dist.broadcast(out, src=self.last_stage_rank, group=self.group)
-        return out[0], out[1]
+        aux = [a for m in self._aux_modules if (a := m.pop_aux()) is not None]
+        aux_sum = torch.stack(aux).sum().float() if aux else torch.zeros(())
+        # The token loss lives on the last stage, aux losses on every stage: one sum over pp gives both.
+        out = torch.stack([loss_sum.to(self.device), aux_sum.to(self.device)])
+        dist.all_reduce(out, group=self.group)
+        return out[0] + out[1], num_tokens.to(self.device, torch.float32)
 
     @torch.no_grad()
     def forward(self, args: Sequence[Tensor], kwargs: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -441,12 +454,18 @@ class PipelineRunner:
         self, entry: _Entry, call: Callable, args: list[Tensor], options: dict, kwargs: dict[str, Tensor]
     ) -> Any:
         entry.events.clear()
+        # A stage's first call infers shapes with a forward on placeholder data: aux-loss layers record
+        # only inside the real forward calls (see _instrument).
+        for m in self._aux_modules:
+            m.record = False
         # Keyword inputs go to the schedule on every rank: torch passes them to each stage's forward.
         result = call(*(args if self.plan.has_first else ()), **kwargs, **options)
         if self.record_timeline:
             self.last_timeline = list(entry.events)
         for stage in entry.stages:  # free the microbatch outputs and activations kept for the next step
             stage.clear_runtime_states()
+        for m in self._aux_modules:
+            m.record = True
         return result
 
     def _count_tokens(self, labels: Tensor) -> Tensor:
@@ -516,12 +535,13 @@ class PipelineRunner:
         return loss_sum * self._loss_scale.to(loss_sum.device)
 
     def _instrument(self, stage: PipelineStage, entry: _Entry) -> None:
-        """Time this stage's forward and backward calls when ``record_timeline`` is on."""
+        """Time this stage's forward and backward calls when ``record_timeline`` is on, and let aux-loss
+        layers record only inside real forward calls (not the shape inference of a stage's first call)."""
 
         def wrap(name: str, kind: str) -> None:
             inner = getattr(stage, name)
 
-            def timed(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+            def clock(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
                 if not self.record_timeline:
                     return inner(chunk_id, *args, **kwargs)
                 start = time.time()  # wall clock: comparable between processes
@@ -529,6 +549,17 @@ class PipelineRunner:
                     return inner(chunk_id, *args, **kwargs)
                 finally:
                     entry.events.append(TimelineEvent(kind, stage.stage_index, chunk_id, start, time.time()))
+
+            def timed(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+                if kind != "F" or not self._aux_modules:
+                    return clock(chunk_id, *args, **kwargs)
+                for m in self._aux_modules:
+                    m.record = True
+                try:
+                    return clock(chunk_id, *args, **kwargs)
+                finally:
+                    for m in self._aux_modules:
+                        m.record = False
 
             setattr(stage, name, timed)
 
