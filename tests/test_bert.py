@@ -366,3 +366,233 @@ def test_bert_four_processes_tp2xpp2_hf_dp2xtp2_parity_and_metrics(setup: dict) 
     print(
         f"dp2 x tp2 metrics: cls accuracy {float(acc):.4f}, f1 {float(f1):.4f}, mlm accuracy {float(mlm_acc):.4f}"
     )
+
+
+# ---- one process ---------------------------------------------------------------------------------------
+def test_from_hf_tp1_parity_with_padding(setup: dict, tmp_path) -> None:
+    """tp=1: logits and loss equal HF's (masked LM, classification, and regression with num_labels=1)."""
+    for task, cls in (("mlm", BERT), ("cls", BERTClassifier)):
+        model = cls.from_hf(setup[f"{task}_dir"])
+        model.configure_model()
+        batch = _stack(setup["rows"][f"hf_{task}"])
+        assert batch["attention_mask"].float().mean() < 1  # padding in the batch
+        ref = _hf_out(setup[f"hf_{task}"], batch)
+        with torch.no_grad():
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss_sum, count = model._loss(batch)
+        logits = logits[..., :HF_VOCAB] if task == "mlm" else logits
+        torch.testing.assert_close(logits, ref.logits, **HF_TOL)
+        torch.testing.assert_close(loss_sum / count, ref.loss, **HF_TOL)
+        print(f"tp=1 {task}: max |logits diff| {float((logits - ref.logits).abs().max()):.2e}")
+    # Regression: one output, mean squared error on float targets (HF's problem_type="regression").
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification(_hf_config(num_labels=1, problem_type="regression")).eval()
+    hf.save_pretrained(tmp_path / "reg")
+    model = BERTClassifier.from_hf(str(tmp_path / "reg"))
+    assert model.config.num_labels == 1
+    model.configure_model()
+    batch = _stack(setup["rows"]["hf_cls"])
+    batch["labels"] = torch.linspace(-1.0, 2.0, len(batch["labels"]))
+    ref = _hf_out(hf, batch)
+    with torch.no_grad():
+        loss_sum, count = model._loss(batch)
+    torch.testing.assert_close(loss_sum / count, ref.loss, **HF_TOL)
+
+
+def test_export_round_trip_after_training_one_process(setup: dict, tmp_path) -> None:
+    """from_hf -> 2 AdamW steps -> export -> HF loads it and gives our logits (the classifier)."""
+    model = BERTClassifier.from_hf(setup["cls_dir"])
+    model.configure_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = _stack(setup["rows"]["hf_cls"])
+    for _ in range(2):
+        opt.zero_grad()
+        loss_sum, count = model._loss(batch)
+        (loss_sum / count).backward()
+        opt.step()
+    out = model.export_hf(str(tmp_path / "exported"))
+    reloaded = BertForSequenceClassification.from_pretrained(out).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours = model(**inputs)
+    assert (ours - _hf_out(setup["hf_cls"], inputs).logits).abs().max() > 1e-2  # training changed it
+    torch.testing.assert_close(_hf_out(reloaded, inputs).logits, ours, **HF_TOL)
+
+
+def test_bad_input_raises_before_work(setup: dict) -> None:
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match=rf"num_labels={bad!r} is not valid: it must be an integer >= 1"):
+            BERTClassifier(num_labels=bad, **TINY)
+    model = BERTClassifier(num_labels=3, **TINY)
+    model.configure_model()
+    calls = []
+    model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    batch = _stack(_rows(4, TINY["vocab_size"], "cls"))
+    batch["labels"] = torch.tensor([0, 2, 3, -100])
+    with pytest.raises(ValueError, match=r"labels holds 3, outside the valid range 0\.\.2 or -100"):
+        model.training_step(batch, 0)
+    batch["labels"] = torch.tensor([0, 2, 1, -100])
+    long = {k: torch.cat([v, v], dim=1) if v.ndim == 2 else v for k, v in batch.items()}
+    with pytest.raises(
+        ValueError, match=r"sequence length 32 exceeds max_position_embeddings=16; valid lengths: 1\.\.16"
+    ):
+        model.training_step(long, 0)
+    batch["input_ids"][0, 0] = TINY["vocab_size"]
+    with pytest.raises(ValueError, match=r"input_ids holds 250, outside the valid range 0\.\.249"):
+        model.validation_step(batch, 0)
+    mlm = BERT(**TINY)
+    mlm.configure_model()
+    mlm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    batch = _stack(_rows(2, TINY["vocab_size"], "mlm"))
+    batch["labels"][0, 0] = -5
+    with pytest.raises(ValueError, match=r"labels holds -5, outside the valid range 0\.\.249"):
+        mlm.training_step(batch, 0)
+    assert not calls, "the network ran before the bad input was refused"
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=3 does not divide n_head=4; valid .*\[1, 2, 4\]"
+    ):
+        model.check_layout(3, False)
+    with pytest.raises(ValueError, match="sequence_parallel=True is not supported"):
+        model.check_layout(2, True)
+    config = json.loads((setup["tmp"] / "mlm" / "config.json").read_text())
+    (setup["tmp"] / "relu").mkdir(exist_ok=True)
+    (setup["tmp"] / "relu" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    with pytest.raises(ValueError, match=r"hidden_act='relu' .* is not supported .*valid: \['gelu'\]"):
+        BERT.from_hf(str(setup["tmp"] / "relu"))
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def test_masking_follows_bert_and_is_the_same_in_any_batching() -> None:
+    from lightning_par.data_bert import MLMCollator, mask_tokens
+
+    n, vocab, mask_id = 200_000, 1000, 1003
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    maskable = torch.ones(n, dtype=torch.bool)
+    maskable[::10] = False  # special tokens: never selected
+    out, labels = mask_tokens(ids, maskable, mask_id, vocab, torch.Generator().manual_seed(1))
+    selected = labels != -100
+    assert not selected[~maskable].any()
+    assert torch.equal(labels[selected], ids[selected]) and torch.equal(out[~selected], ids[~selected])
+    k = int(selected.sum())
+    masked = float((out[selected] == mask_id).sum()) / k
+    changed = float(((out[selected] != mask_id) & (out[selected] != ids[selected])).sum()) / k
+    # Binomial fractions: 0.005 and 0.01 are more than 5 standard deviations at these sample sizes.
+    assert abs(k / int(maskable.sum()) - 0.15) < 0.005
+    assert abs(masked - 0.8) < 0.01
+    assert abs(changed - 0.1 * (1 - 1 / vocab)) < 0.01  # a random token may equal the original
+
+    rows = [
+        {
+            "input_ids": torch.randint(0, vocab, (12,)),
+            "attention_mask": torch.ones(12, dtype=torch.long),
+            "token_type_ids": torch.zeros(12, dtype=torch.long),
+            "special_tokens_mask": torch.zeros(12, dtype=torch.long),
+            "index": torch.tensor(i),
+        }
+        for i in range(6)
+    ]
+    collate = MLMCollator(mask_id, vocab, seed=7)
+    whole = collate(rows)
+    parts = [collate(rows[:2]), collate(rows[2:3]), collate(rows[3:])]  # e.g. data-parallel replicas
+    for key in whole:
+        assert torch.equal(whole[key], torch.cat([p[key] for p in parts]))
+    assert not torch.equal(whole["labels"], MLMCollator(mask_id, vocab, seed=8)(rows)["labels"])
+
+
+def test_data_modules(tmp_path) -> None:
+    from lightning_par.data_bert import MLMDataModule, TextClassificationDataModule, default_labelled_lines
+
+    cache = str(tmp_path / "cache")
+    mlm = MLMDataModule(tokenizer="byte", block_size=16, batch_size=4, max_tokens=4000, cache_dir=cache)
+    mlm.prepare_data()
+    mlm.setup()
+    assert mlm.vocab_size == 260  # 256 bytes + [PAD] [CLS] [SEP] [MASK]
+    batch = next(iter(mlm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, 16)
+    assert (batch["input_ids"][:, 0] == 257).all() and (batch["input_ids"][:, -1] == 258).all()
+    assert ((batch["labels"] == -100) | (batch["labels"] < 256)).all() and (batch["labels"] != -100).any()
+
+    (tmp_path / "d.csv").write_text('text,label\nhello world,pos\n"a, b",neg\nmore text,pos\n')
+    (tmp_path / "d.jsonl").write_text('{"text": "x y", "label": 2}\n{"text": "z", "label": 0}\n')
+    dm = TextClassificationDataModule(
+        str(tmp_path / "d.csv"),
+        str(tmp_path / "d.jsonl"),
+        tokenizer="byte",
+        max_length=8,
+        batch_size=2,
+        cache_dir=cache,
+    )
+    with pytest.raises(ValueError, match="label"):  # names in one file, integers in the other: refused
+        dm.setup()
+    dm = TextClassificationDataModule(
+        str(tmp_path / "d.csv"),
+        tokenizer="byte",
+        max_length=8,
+        batch_size=2,
+        cache_dir=cache,
+        val_fraction=0.34,
+    )
+    assert dm.num_labels == 2 and dm.label_names == ["neg", "pos"]
+    item = dm.train_dataset[1]
+    assert item["input_ids"].tolist() == [257, *b"a, b", 258, 256, 256] and item["labels"] == 0
+    assert item["attention_mask"].tolist() == [1] * 6 + [0] * 2
+    (tmp_path / "bad.csv").write_text("sentence,label\nhi,1\n")
+    with pytest.raises(ValueError, match="needs a header with columns 'text' and 'label'"):
+        TextClassificationDataModule(str(tmp_path / "bad.csv"), tokenizer="byte", cache_dir=cache).setup()
+
+    rows = default_labelled_lines(100, seed=3)
+    assert rows == default_labelled_lines(100, seed=3) and len(rows) == 400
+    assert sorted({label for _, label in rows}) == [0, 1, 2, 3]
+    assert all(text.startswith("#") for text, label in rows if label == 0)
+
+
+# ---- the shipped configs through `lightning-par fit` (and export-hf on the checkpoint) ----------------
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        ("bert_mlm_tp.yaml", ["--data.init_args.max_tokens", "40000"]),
+        (
+            "bert_cls_tp_pp.yaml",
+            [
+                "--data.init_args.max_examples",
+                "200",
+                "--data.init_args.max_length",
+                "32",
+                "--model.max_position_embeddings",
+                "32",
+            ],
+        ),
+    ],
+)
+def test_cli_fit_runs_bert_config(tmp_path, config: str, extra: list[str]) -> None:
+    from tests.test_cli import ROOT, _run
+
+    small = [
+        "--trainer.max_steps",
+        "4",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+    ]
+    small += ["--trainer.limit_val_batches", "2", "--model.n_layer", "2", "--model.n_embd", "64"]
+    proc = _run(["fit", "--config", str(ROOT / "configs" / config), *small, *extra], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in out
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()  # keys are plain strings in wandb's offline log
+    keys = [b"train/loss", b"val/loss", b"val/accuracy", b"train/consumed_samples", b"model_config"]
+    keys += [b"val/ppl"] if "mlm" in config else [b"val/f1", b"num_labels"]
+    for key in keys:
+        assert key in log, f"{key!r} not recorded in the W&B run"
+    ckpt = tmp_path / "runs" / "checkpoints" / config.removesuffix(".yaml") / "last.ckpt"
+    proc = _run(["export-hf", str(ckpt), str(tmp_path / "hf")], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    hf_cls = BertForMaskedLM if "mlm" in config else BertForSequenceClassification
+    hf = hf_cls.from_pretrained(tmp_path / "hf").eval()
+    if "cls" in config:
+        assert hf.config.num_labels == 4
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([[4097, 5, 6, 4098]])).logits).all()
