@@ -144,6 +144,29 @@ class TopKRouter(nn.Module):
         return (position < capacity).view(S, k, seq_len).transpose(1, 2).reshape(num_tokens, k)
 
 
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits whose backward is the reverse exchange.
+
+    (``torch.distributed.nn.functional.all_to_all_single`` does the same but is deprecated in torch 2.13.)
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, recv_splits: list[int], send_splits: list[int], group: dist.ProcessGroup
+    ) -> Tensor:  # type: ignore[override]
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        recv_splits, send_splits = ctx.splits
+        out = grad.new_empty((sum(send_splits), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
 def moe_forward(
     x: Tensor,
     routing: Routing,
@@ -172,28 +195,23 @@ def moe_forward(
     if ep == 1:
         y = run_experts(send, per_expert.tolist())
     else:
-        from torch.distributed.nn.functional import all_to_all_single
-
         # Counts first: recv[r, e] tokens arrive from rank r for local expert e.
         recv_counts = torch.empty_like(per_expert)
         dist.all_to_all_single(recv_counts, per_expert, group=group)
         recv = recv_counts.view(ep, e_local)
         send_splits = per_expert.view(ep, e_local).sum(dim=1).tolist()
         recv_splits = recv.sum(dim=1).tolist()
-        received = all_to_all_single(
-            x.new_empty((sum(recv_splits), x.shape[1])), send, recv_splits, send_splits, group=group
-        )
+        received = _AllToAll.apply(send, recv_splits, send_splits, group)
         # Received rows are grouped by source rank, then by expert: regroup by expert for the matmuls.
         src_expert = torch.arange(e_local, device=x.device).repeat(ep).repeat_interleave(recv.reshape(-1))
         regroup = torch.argsort(src_expert, stable=True)
         out = run_experts(received[regroup], recv.sum(dim=0).tolist())
         back = torch.empty_like(out).index_copy(0, regroup, out)  # undo the regrouping (differentiable)
-        y = all_to_all_single(
-            x.new_empty((send.shape[0], x.shape[1])), back, send_splits, recv_splits, group=group
-        )
+        y = _AllToAll.apply(back, send_splits, recv_splits, group)
 
     weight = routing.weights.reshape(-1)[assignment].unsqueeze(-1)
-    return torch.zeros_like(x).index_add(0, token[assignment], y * weight.to(y.dtype))
+    # (Under autocast the experts compute in bf16/fp16; the combination keeps the residual stream's dtype.)
+    return torch.zeros_like(x).index_add(0, token[assignment], (y * weight.to(y.dtype)).to(x.dtype))
 
 
 class _InjectAuxGrad(torch.autograd.Function):

@@ -23,7 +23,10 @@ def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Completed
     return subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize(("config", "n_layer"), [("gpt_tp.yaml", 1), ("gpt_tp_pp.yaml", 2)])
+@pytest.mark.parametrize(
+    ("config", "n_layer"),
+    [("gpt_tp.yaml", 1), ("gpt_tp_pp.yaml", 2), ("gpt_moe_ep.yaml", 2), ("gpt_moe_tp_pp_ep.yaml", 2)],
+)
 def test_cli_fit_runs_config(tmp_path, config, n_layer):
     proc = _run(
         [
@@ -73,13 +76,17 @@ def test_cli_fit_runs_config(tmp_path, config, n_layer):
         assert key in log, f"{key!r} not recorded in the W&B run"
     ckpt = tmp_path / "runs" / "checkpoints" / config.removesuffix(".yaml") / "last.ckpt"
     assert ckpt.is_dir() and any(ckpt.iterdir()), "no sharded checkpoint written"
-    if "pp" in config:  # the pipeline timeline of step 2, drawn and logged with its bubble
+    if "moe" in config:  # routing statistics of the MoE layer (layer 1 of 2), summed over the replicas
+        for key in (b"moe/layer1/aux_loss", b"moe/layer1/dropped_fraction", b"moe/layer1/tokens_expert7"):
+            assert key in log, f"{key!r} not recorded in the W&B run"
+    if "pipeline_timeline: true" in (ROOT / "configs" / config).read_text():
+        # The pipeline timeline of step 2, drawn and logged with its bubble.
         assert (tmp_path / "runs" / "pipeline_timeline.png").stat().st_size > 1000
         assert b"pipeline/bubble_measured" in log and b"pipeline_schedule" in log
 
 
 def test_every_shipped_config_is_tested():
-    tested = {"gpt_tp.yaml", "gpt_tp_pp.yaml"}
+    tested = {"gpt_tp.yaml", "gpt_tp_pp.yaml", "gpt_moe_ep.yaml", "gpt_moe_tp_pp_ep.yaml"}
     tested |= {"bert_mlm_tp.yaml", "bert_cls_tp_pp.yaml"}  # run in tests/test_bert.py (with BERT checks)
     assert {p.name for p in (ROOT / "configs").glob("*.yaml")} == tested
 
