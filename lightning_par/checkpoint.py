@@ -22,6 +22,8 @@ that write under the same key; here optimizer state is stored per parameter name
 
 Atomicity: a save is written to a hidden ``.<name>.partial-<id>`` directory and renamed into place once
 every rank has finished, so a crash during the (long) write leaves the previous checkpoint as it was.
+:class:`AsyncShardedSaver` keeps that rule while the write overlaps training: the rename waits until the
+background write is done on every rank (at the next save or at the end of training).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import io
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -196,18 +201,45 @@ def save_sharded(
     meta: dict[str, Any],
     rank: int,
 ) -> Path:
-    """Write a checkpoint directory atomically (every rank calls this; ``rank`` is the global rank)."""
+    """Write a checkpoint directory atomically (every rank calls this; ``rank`` is the global rank).
+
+    Inside :func:`async_saves` the shards are written in the background instead and the directory appears
+    at the saver's next :meth:`AsyncShardedSaver.commit` (see there).
+    """
+    saver = _ASYNC_SAVER.get()
+    if saver is not None:
+        saver.save(path, module, optimizers, meta, rank)
+        return Path(path)
     path = Path(path)
+    partial = _open_partial(path, rank)
+    dcp.save(_save_state(module, optimizers, rank), storage_writer=FileSystemWriter(partial))
+    _write_meta(partial, meta, optimizers, rank)
+    _commit(path, partial, rank)
+    return path
+
+
+def _open_partial(path: Path, rank: int) -> Path:
+    """The hidden directory a save writes into (one name for all ranks), created by rank 0."""
     token = [uuid.uuid4().hex[:8] if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     partial = path.with_name(f".{path.name}.partial-{token[0]}")
     if rank == 0:
         partial.mkdir(parents=True, exist_ok=False)
     dist.barrier()
-    state = {**module.state_dict(), **optimizer_tensors(module, optimizers), **rng_tensors(rank)}
-    dcp.save(state, storage_writer=FileSystemWriter(partial))
+    return partial
+
+
+def _save_state(module: nn.Module, optimizers: list[Optimizer], rank: int) -> dict[str, Any]:
+    return {**module.state_dict(), **optimizer_tensors(module, optimizers), **rng_tensors(rank)}
+
+
+def _write_meta(partial: Path, meta: dict[str, Any], optimizers: list[Optimizer], rank: int) -> None:
     if rank == 0:
         torch.save({**meta, "optimizer_hparams": optimizer_hparams(optimizers)}, partial / META_FILE)
+
+
+def _commit(path: Path, partial: Path, rank: int) -> None:
+    """Rename ``partial`` to ``path`` once every rank has written its part (all ranks call this)."""
     dist.barrier()
     if rank == 0:
         old = path.with_name(f".{path.name}.old")
@@ -219,7 +251,86 @@ def save_sharded(
         if old.exists():
             shutil.rmtree(old)
     dist.barrier()
-    return path
+
+
+# ---- asynchronous saves ---------------------------------------------------------------------------------
+_ASYNC_SAVER: ContextVar[AsyncShardedSaver | None] = ContextVar("lightning_par_async_saver", default=None)
+
+
+@contextmanager
+def async_saves(saver: AsyncShardedSaver) -> Iterator[None]:
+    """Within this block :func:`save_sharded` (hence the strategy's ``save_checkpoint``) goes through ``saver``."""
+    token = _ASYNC_SAVER.set(saver)
+    try:
+        yield
+    finally:
+        _ASYNC_SAVER.reset(token)
+
+
+class AsyncShardedSaver:
+    """Sharded saves whose shard writing overlaps training; at most one in flight.
+
+    A save copies this rank's tensors to CPU memory (the only part training waits for), writes ``meta.pt``
+    (rank 0) and hands the shards to ``torch.distributed.checkpoint.async_save``, which writes them from a
+    background thread into the hidden ``.<name>.partial-<id>`` directory. The rename to ``<name>`` (what
+    makes it the checkpoint, "last" included) happens in :meth:`commit`, when this rank's write has
+    finished and a barrier says every other rank's has: at the next save, or when training ends. Until then
+    the previous checkpoint under that name is untouched; a crash leaves only a partial directory.
+
+    DCP coordinates the ranks of a save with collectives (plans, metadata). Run from the background thread
+    on the training's process group, they would interleave with training's own collectives (gloo and NCCL
+    both require one order per group), so the saver uses a gloo group of its own, made at its first save.
+    """
+
+    def __init__(self) -> None:
+        self._group: dist.ProcessGroup | None = None
+        self._pending: tuple[Path, Path, int, Future[Any]] | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """A save has started and its shards are still being written on this rank."""
+        return self._pending is not None and not self._pending[3].done()
+
+    @property
+    def pending_path(self) -> Path | None:
+        """The hidden directory of the save not yet committed (written or not), if any."""
+        return None if self._pending is None else self._pending[1]
+
+    def save(
+        self,
+        path: str | Path,
+        module: nn.Module,
+        optimizers: list[Optimizer],
+        meta: dict[str, Any],
+        rank: int,
+    ) -> None:
+        """Commit the previous save, then start this one; returns once the tensors are copied."""
+        self.commit()
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")  # every rank saves together: a collective call
+        path = Path(path)
+        partial = _open_partial(path, rank)
+        future = dcp.async_save(
+            _save_state(module, optimizers, rank),
+            storage_writer=FileSystemWriter(partial),
+            process_group=self._group,
+        )
+        _write_meta(partial, meta, optimizers, rank)
+        self._pending = (path, partial, rank, future)
+
+    def commit(self) -> Path | None:
+        """Wait for the pending save's shards (every rank calls this), then rename it into place."""
+        if self._pending is None:
+            return None
+        path, partial, rank, future = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed write here, on the training thread
+        _commit(path, partial, rank)
+        return path
+
+    def abandon(self) -> None:
+        """Forget the pending save without renaming it (after a failure: it stays a partial directory)."""
+        self._pending = None
 
 
 def load_sharded(
@@ -347,6 +458,12 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         return export_bert_checkpoint(hparams, saved, lambda s: _dcp_load(s, reader, path, no_dist=True), out)
     accepted = set(inspect.signature(GPT.__init__).parameters) - {"self", "hf_checkpoint"}
     model = GPT(**{k: v for k, v in hparams.items() if k in accepted})
+    if model.config.num_experts:
+        raise ValueError(
+            f"the checkpoint in {str(path)!r} is a mixture-of-experts GPT (num_experts="
+            f"{model.config.num_experts}); GPT-2 in transformers has no expert layers, so it cannot be exported "
+            f"as GPT2LMHeadModel. Export a dense GPT (num_experts=0)."
+        )
     wte = saved.get("model.embed.wte.weight")
     if wte is None:
         raise KeyError(

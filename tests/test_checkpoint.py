@@ -300,3 +300,164 @@ def test_a_save_killed_midway_leaves_last_loadable(tmp_path):
     )
     first_steps = run_distributed(_resume_last, 2, str(tmp_path), init_process_group=False)
     assert first_steps == [2, 2]  # resumed after the first (complete) save, at step 2
+
+
+# ---- asynchronous saves -----------------------------------------------------------------------------
+class _WriteGate:
+    """Holds each background shard write until the next training step has started (or training ended).
+
+    So a save cannot finish before training moves on: if ``async_save`` blocked the training thread, the
+    write would wait here for a step that never starts, and the test fails (the gate's 60 s timeout).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cond = threading.Condition()
+        self.batch_starts = 0
+        self.ended = False
+        self.writes = 0
+        self.overlapped: list[bool] = []  # per write: the next step started while it was held
+        self.threads: list[str] = []
+
+    def install(self) -> None:
+        import threading
+
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        original = FileSystemWriter.write_data
+        gate = self
+
+        def write_data(self, plan, planner):
+            with gate.cond:
+                gate.writes += 1
+                n = gate.writes  # the n-th save is started at the end of step n (every_n_train_steps=1)
+                gate.threads.append(threading.current_thread().name)
+                ok = gate.cond.wait_for(lambda: gate.batch_starts > n or gate.ended, timeout=60)
+                gate.overlapped.append(ok and gate.batch_starts > n)
+            return original(self, plan, planner)
+
+        FileSystemWriter.write_data = write_data
+
+
+class _InFlightProbe(L.Callback):
+    """At each step's start: is the previous save still being written, and what does the directory hold?"""
+
+    def __init__(self, gate: _WriteGate, ckpt: object, ckpt_dir: str) -> None:
+        self.gate, self.ckpt, self.dir = gate, ckpt, Path(ckpt_dir)
+        self.seen: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from lightning_par.checkpoint import read_meta
+
+        saver = self.ckpt.saver
+        partial = saver.pending_path
+        last = self.dir / "last.ckpt"
+        self.seen.append(
+            {
+                "step": trainer.global_step,
+                "in_flight": saver.in_flight,
+                "partial_has_shards": partial is not None and any(partial.glob("*.distcp")),
+                "last_step": read_meta(last)["global_step"] if last.exists() else None,
+            }
+        )
+        with self.gate.cond:  # this step has started: release the write
+            self.gate.batch_starts += 1
+            self.gate.cond.notify_all()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # runs before the checkpoint callbacks' on_train_end
+        with self.gate.cond:
+            self.gate.ended = True
+            self.gate.cond.notify_all()
+
+
+def _async_runs(rank: int, world: int, tmp: str) -> dict:
+    from lightning_par.callbacks import ShardedCheckpoint
+
+    kw, _ = LAYOUTS["tp2"]
+    data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"], ignore_some=True)
+    out: dict = {"straight": _fit("tp2", world, TOTAL, None, None)}
+    for mode in ("sync", "async"):
+        gate = _WriteGate()
+        if mode == "async":
+            gate.install()
+        ckpt = ShardedCheckpoint(
+            async_save=mode == "async",
+            dirpath=f"{tmp}/{mode}",
+            save_last=True,
+            every_n_train_steps=1,
+            save_top_k=0,
+        )
+        callbacks: list = [ckpt]
+        if mode == "async":
+            probe = _InFlightProbe(gate, ckpt, f"{tmp}/{mode}")
+            callbacks.append(probe)
+        L.seed_everything(SEED, verbose=False)
+        trainer = quiet_trainer(
+            lightning_par.HybridParallelStrategy(**kw),
+            world,
+            max_steps=SAVE_AT,
+            gradient_clip_val=0.05,
+            callbacks=callbacks,
+            enable_checkpointing=True,
+        )
+        trainer.fit(GPT(**MODEL, **OPTIM), DataLoader(data, batch_size=GLOBAL_BATCH))
+        if mode == "async":
+            out["seen"], out["overlapped"], out["threads"] = probe.seen, gate.overlapped, gate.threads
+            out["left_pending"] = ckpt.saver.pending_path
+    out["resumed"] = _fit("tp2", world, TOTAL, None, f"{tmp}/async/last.ckpt")
+    return out
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, in this (non-distributed) process, through the safe reader."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from lightning_par.checkpoint import SafeFileSystemReader, _dcp_load
+
+    reader = SafeFileSystemReader(path)
+    saved = reader.read_metadata().state_dict_metadata
+    request = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in saved.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
+    _dcp_load(request, reader, path, no_dist=True)
+    return request
+
+
+def test_async_save_overlaps_training_and_equals_a_synchronous_save(tmp_path):
+    from lightning_par.checkpoint import read_meta
+
+    r = run_distributed(_async_runs, 2, str(tmp_path), init_process_group=False, timeout=280)
+    for rank in (0, 1):
+        out = r[rank]
+        # Saves after steps 1, 2, 3 were still being written when the next step began (the gate held
+        # them until then), from DCP's background thread; the one after the last step was finished at
+        # the end of fit, which left nothing pending.
+        assert out["overlapped"] == [True, True, True, False], out["overlapped"]
+        assert all(t.startswith("AsyncCheckpointExecutor") for t in out["threads"]), out["threads"]
+        assert out["left_pending"] is None
+        # What a step saw of the save before it: still in flight, no shard file in the partial directory
+        # yet, and "last" is the previous complete checkpoint (none before the second save completed).
+        seen = out["seen"]
+        assert [s["step"] for s in seen] == [0, 1, 2, 3]
+        assert [s["in_flight"] for s in seen] == [False, True, True, True]
+        assert [s["partial_has_shards"] for s in seen] == [False, False, False, False]
+        assert [s["last_step"] for s in seen] == [None, None, 1, 2]
+    # The result: the same tensors, bit for bit, and the same loop/scheduler/optimizer state as a
+    # synchronous save at the same step.
+    sync, async_ = tmp_path / "sync" / "last.ckpt", tmp_path / "async" / "last.ckpt"
+    a, b = _read_tensors(sync), _read_tensors(async_)
+    assert a.keys() == b.keys() and len(a) > 20
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for file in sorted(p.name for p in sync.glob("*.distcp")):
+        assert (sync / file).read_bytes() == (async_ / file).read_bytes(), file
+    meta_a, meta_b = read_meta(sync), read_meta(async_)
+    assert meta_a["global_step"] == meta_b["global_step"] == SAVE_AT
+    for key in meta_a.keys() - {"callbacks"}:  # the callbacks' state names the two directories
+        assert meta_a[key] == meta_b[key], key
+    assert not list(tmp_path.rglob(".last.ckpt.partial-*"))
+    # Resuming from the asynchronous save continues bitwise as the uninterrupted run.
+    assert r[0]["resumed"] == r[0]["straight"][SAVE_AT:]
