@@ -223,3 +223,15 @@ def test_ep2_checkpoint_resumes_on_ep2_and_ep1_and_mixed_precision(tmp_path):
     with pytest.raises(ValueError, match=r"mixture-of-experts GPT \(num_experts=4\).*cannot be exported"):
         main(["export-hf", str(tmp_path / "ep2" / "last.ckpt"), str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
+
+
+def test_num_experts_not_divisible_by_ep_is_refused_before_any_weight_exists():
+    with torch.device("meta"):
+        model = GPT(**{**TINY, **DROPLESS})
+        model.configure_model()
+    moe = model.model.moe_modules()[1]
+    with pytest.raises(
+        ValueError, match=r"expert_parallel_size=3 does not divide num_experts=4; valid .*\[1, 2, 4\]"
+    ):
+        moe.shard_experts(None, 0, 3)
+    assert len(moe.experts) == 4  # nothing was removed
