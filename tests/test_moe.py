@@ -235,3 +235,26 @@ def test_num_experts_not_divisible_by_ep_is_refused_before_any_weight_exists():
     ):
         moe.shard_experts(None, 0, 3)
     assert len(moe.experts) == 4  # nothing was removed
+
+
+# ---- tp2 x pp2 x ep2 (the tp_pp_ep preset on 8 processes; one short run on 2 cores) -----------------------
+def _eight(rank: int, world: int) -> dict:
+    strategy = lightning_par.HybridParallelStrategy(
+        tensor_parallel_size=None,
+        pipeline_parallel_size=None,
+        data_parallel_size=2,
+        expert_parallel_size=None,
+        num_microbatches=2,
+    )
+    out = trainer_run(strategy, world, 2, BATCH, 0.05, _data(), CAPPED)
+    layout = strategy.layout
+    out["layout"] = (layout.tp, layout.pp, layout.dp, layout.ep)
+    return out
+
+
+def test_tp2_pp2_ep2_matches_one_process():
+    results = run_distributed(_eight, 8, init_process_group=False, timeout=280)
+    assert results[0]["layout"] == (2, 2, 2, 2)
+    got = merge_ranks(results)
+    ref = reference_run(2, 2 * BATCH, 0.05, _data(), CAPPED)
+    assert_same_run(got, ref, RTOL, ATOL, TINY["vocab_size"], what="tp2 x pp2 x ep2")
