@@ -19,10 +19,16 @@ ramp this callback makes both decisions itself (from the micro-batches counted i
 loss by that k and the strategy's ``backward`` multiplies it back into a token sum, the same k within a step,
 so the per-step division by the global token count stays exact. The ramp is driven by ``consumed_samples``,
 which checkpoints keep.
+
+Under pipeline parallel with a ramp, every pipeline run has ``m = gcd(start, increment) / (micro x dp)``
+microbatches (the loader's batch is ``micro x m``), and a step of global batch ``B`` accumulates
+``B / (micro x m x dp)`` pipeline runs; the strategy then keeps token-summed gradients over the runs and
+divides them by the step's global token count, as without pipeline parallel.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +62,8 @@ class GlobalBatchSize(L.Callback):
         micro_batch_size: samples per forward/backward (per pipeline microbatch under pipeline parallel).
         rampup: a linear ramp-up of the global batch size (Megatron's ``--rampup-batch-size``), as a
             :class:`BatchSizeRampup` or ``[start, increment, samples]``. ``None``: constant global batch.
-            Not available under pipeline parallel.
+            Under pipeline parallel, ``gcd(start, increment) / (micro x dp)`` is the number of microbatches
+            of each pipeline run, and must suit the schedule (e.g. at least pp for 1F1B).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class GlobalBatchSize(L.Callback):
         self._micro_in_step = 0  # micro-batches of the current step seen so far (ramp-up only)
         self._step_open = False  # a step has begun and not yet been taken (ramp-up only)
         self._dp = 1
+        self._rows_per_batch = 1  # samples per loader batch over all replicas (micro x dp, x m under pp)
         self._restore_loop: list[tuple[Any, str]] = []
 
     # ---- the schedule ---------------------------------------------------------------------------------
@@ -112,18 +120,36 @@ class GlobalBatchSize(L.Callback):
         steps = self.global_batch_size // per_step
         self.steps_per_update = steps
         if pp > 1:
+            # Microbatches per pipeline run: the whole step, or (ramp) the largest run every step size divides.
+            unit = self.global_batch_size
+            if self.rampup is not None:
+                unit = math.gcd(self.rampup.start, self.rampup.increment, self.global_batch_size)
+            m = unit // per_step
             explicit = getattr(strategy, "_microbatches_arg", None)
-            if explicit is not None and explicit != steps:
+            if explicit is not None and explicit != m:
                 raise ValueError(
                     f"num_microbatches={explicit} on the strategy disagrees with GlobalBatchSize(global_batch_size="
-                    f"{self.global_batch_size}, micro_batch_size={self.micro_batch_size}) on dp={dp}, which needs "
-                    f"{steps}; leave num_microbatches unset and let GlobalBatchSize choose it."
+                    f"{self.global_batch_size}, micro_batch_size={self.micro_batch_size}, rampup={self.rampup}) "
+                    f"on dp={dp}, which needs {m}; leave num_microbatches unset and let GlobalBatchSize choose it."
                 )
-            check_schedule(strategy.pipeline_schedule, pp, steps, strategy.virtual_pipeline_size)
-            strategy._microbatches_arg = steps
+            try:
+                check_schedule(strategy.pipeline_schedule, pp, m, strategy.virtual_pipeline_size)
+            except ValueError as err:
+                if self.rampup is None:
+                    raise
+                raise ValueError(
+                    f"rampup={self.rampup} gives pipeline runs of gcd(start, increment) / (micro_batch_size x "
+                    f"dp) = {m} microbatches, which the schedule refuses: {err} Choose start and increment "
+                    f"whose gcd is a larger multiple of {per_step}."
+                ) from err
+            strategy._microbatches_arg = m
+            self._rows_per_batch = per_step * m
+            self.steps_per_update = self.global_batch_size // self._rows_per_batch
+            # 1 at setup (the strategy refuses a user's accumulation under pp); a ramp sets each step's.
             trainer.accumulate_grad_batches = 1
-            loader_batch = self.micro_batch_size * steps
+            loader_batch = self.micro_batch_size * m
         else:
+            self._rows_per_batch = per_step
             trainer.accumulate_grad_batches = steps
             loader_batch = self.micro_batch_size
         data = trainer.datamodule
@@ -132,15 +158,9 @@ class GlobalBatchSize(L.Callback):
         self._loader_batch = loader_batch
 
     def _check_rampup_layout(self, per_step: int, dp: int, pp: int) -> None:
-        """The ramp's sizes must split into whole micro-batches on every replica; no ramp under pp."""
+        """The ramp's sizes must split into whole micro-batches on every replica."""
         ramp = self.rampup
         assert ramp is not None
-        if pp > 1:
-            raise ValueError(
-                f"rampup={ramp} is not supported with pipeline_parallel_size={pp}: the number of pipeline "
-                f"microbatches (and the loader's batch size) would change during training. Use rampup=None "
-                f"under pipeline parallel, or ramp up with pipeline_parallel_size=1."
-            )
         for name, value in (("start", ramp.start), ("increment", ramp.increment)):
             if value % per_step:
                 valid = [per_step * k for k in range(1, 5) if per_step * k < self.global_batch_size]
@@ -210,7 +230,7 @@ class GlobalBatchSize(L.Callback):
             if not self._step_open:  # the first micro-batch of an optimizer step: its size from the ramp
                 self._step_open, self._micro_in_step = True, 0
                 self.current_global_batch_size = self.global_batch_size_at(self.consumed_samples)
-                self.steps_per_update = self.current_global_batch_size // (self.micro_batch_size * self._dp)
+                self.steps_per_update = self.current_global_batch_size // self._rows_per_batch
                 # Lightning's closure divides each micro-batch's loss by this, the strategy's backward
                 # multiplies it back: it must hold for every micro-batch of the step.
                 trainer.accumulate_grad_batches = self.steps_per_update

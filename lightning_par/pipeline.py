@@ -369,6 +369,9 @@ class PipelineRunner:
         self.record_timeline = False
         self.grad_scale: float | None = None
         """fp16 loss scale: multiplies each microbatch loss before its backward (set by the strategy)."""
+        self.token_sums = False
+        """Leave gradients as token sums (not divided by the batch's tokens): the strategy divides them by
+        the tokens of a step that accumulates several pipeline runs (set by the strategy)."""
         self.last_timeline: list[TimelineEvent] | None = None
         # The pp rank that holds the last stage broadcasts the loss (rank 0 under ZBV's V shape).
         last_owner = next(
@@ -398,11 +401,13 @@ class PipelineRunner:
         args, labels, kwargs, _ = self._pad(list(args), labels, kwargs)
         num_tokens = self._count_tokens(labels)
         global_tokens = num_tokens.to(torch.float32)
-        if train and self.dp_group is not None:
+        sums = train and self.token_sums
+        if train and self.dp_group is not None and not sums:
             global_tokens = global_tokens.clone()
             dist.all_reduce(global_tokens, group=self.dp_group)
         grad_scale = self.grad_scale if train and self.grad_scale else 1.0
-        self._loss_scale = grad_scale / global_tokens.clamp(min=1)
+        divisor = torch.ones(()) if sums else global_tokens.clamp(min=1)
+        self._loss_scale = grad_scale / divisor
         entry = self._entry("train" if train else "eval", args, labels, kwargs)
         losses: list[Tensor] = []
         call = entry.schedule.step if train else entry.schedule.eval
@@ -418,9 +423,9 @@ class PipelineRunner:
         finally:
             for m in self._aux_modules:
                 m.aux_grad_scale = None
-        # Each microbatch loss is its token sum x grad_scale / global_tokens: back to this batch's sum.
+        # Each microbatch loss is its token sum x grad_scale / divisor: back to this batch's sum.
         if losses:
-            loss_sum = torch.stack([t.detach().float() for t in losses]).sum() * global_tokens / grad_scale
+            loss_sum = torch.stack([t.detach().float() for t in losses]).sum() * divisor / grad_scale
         else:
             loss_sum = torch.zeros(())
         aux = [a for m in self._aux_modules if (a := m.pop_aux()) is not None]

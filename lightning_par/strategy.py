@@ -435,7 +435,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         assert self.lightning_module is not None
         for p, grad in self._stashed_grads:
-            p.grad = grad
+            p.grad = grad if p.grad is None else p.grad.add_(grad)  # after earlier runs of the step
         self._stashed_grads = []
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
@@ -456,8 +456,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
             # fp16: the schedule's backward must see the scaled loss (the plugin's pre_backward comes too late).
             self.pipeline.grad_scale = getattr(self.precision_plugin, "loss_scale", None)
         automatic = self.pipeline is not None and self.lightning_module.automatic_optimization
+        # Several pipeline runs per optimizer step (GlobalBatchSize's ramp-up): the runs leave token sums,
+        # added up here and divided by the step's global token count in reduce_gradients.
+        accumulating = automatic and self.lightning_module.trainer.accumulate_grad_batches > 1
+        if self.pipeline is not None:
+            self.pipeline.token_sums = accumulating
+        earlier: list[tuple[Tensor, Tensor | None]] = []
         if automatic:
             # The schedule accumulates into .grad during training_step, before Lightning's zero_grad.
+            if accumulating:  # the gradients of this step's earlier runs wait aside
+                earlier = [(p, p.grad) for p in self.lightning_module.parameters()]
             for p in self.lightning_module.parameters():
                 p.grad = None
         out = super().training_step(*args, **kwargs)
@@ -472,6 +480,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             ]
             for p, _ in self._stashed_grads:
                 p.grad = None
+            for p, grad in earlier:
+                p.grad = grad
+            self._grads_are_sums = accumulating
         if record:
             self.pipeline.record_timeline = False
             self._report_timeline()

@@ -144,6 +144,7 @@ def _ramped_fit(
     ckpt_dir: str | None = None,
     resume: str | None = None,
     rampup: Any = RAMP,
+    loader_batch: int | None = None,
 ) -> dict:
     callback = GlobalBatchSize(GLOBAL, micro, rampup=rampup)
     rec, steps = Recorder(), StepRecorder(callback)
@@ -164,7 +165,7 @@ def _ramped_fit(
         enable_checkpointing=ckpt_dir is not None,
     )
     model = GPT(**TINY, **OPTIM)
-    trainer.fit(model, DataLoader(_uneven(), batch_size=micro), ckpt_path=resume)
+    trainer.fit(model, DataLoader(_uneven(), batch_size=loader_batch or micro), ckpt_path=resume)
     return {
         "grads": rec.grads,
         "clipped": steps.clipped,
@@ -201,7 +202,9 @@ def _runs(rank: int, world: int, tmp: str) -> dict:
         world, tp2, 2, len(RAMP_SIZES), resume=f"{tmp}/ramp/step={RAMP_SAVE_AT}.ckpt"
     )
     pp2 = {"tensor_parallel_size": 1, "pipeline_parallel_size": 2}
-    out["refused_pp"] = _refused(world, pp2, 2, RAMP)
+    # Under pp each run has gcd(2, 2) / (micro 1 x dp 1) = 2 microbatches; steps accumulate 1 to 4 runs.
+    out["ramp_pp2"] = _ramped_fit(world, pp2, 1, len(RAMP_SIZES), loader_batch=2)
+    out["refused_pp"] = _refused(world, pp2, 2, RAMP)  # runs of 2 / 2 = 1 microbatch: too few for 1F1B
     out["refused_start"] = _refused(world, dp2, 2, RAMP)  # start 2 is not a multiple of 2 x dp 2
     return out
 
@@ -295,7 +298,7 @@ def _ramped_reference(sizes: list[int], clip: float) -> dict:
 def test_rampup_run_equals_reference_with_batches_of_the_ramp_sizes(results):
     ref = _ramped_reference(RAMP_SIZES, 0.05)
     consumed = [sum(RAMP_SIZES[: i + 1]) for i in range(len(RAMP_SIZES))]
-    for name, micro_x_dp in (("ramp_tp2", 2 * 1), ("ramp_dp2", 1 * 2)):
+    for name, micro_x_dp in (("ramp_tp2", 2 * 1), ("ramp_dp2", 1 * 2), ("ramp_pp2", 1 * 1 * 2)):
         got = merge_ranks([r[name] for r in results])
         run = results[0][name]
         assert run["global_batch"] == RAMP_SIZES, name
@@ -304,7 +307,8 @@ def test_rampup_run_equals_reference_with_batches_of_the_ramp_sizes(results):
         # Loss per step (token-weighted over the global batch), gradients before and after clipping, norms
         # and final weights: the parity bar (RTOL, ATOL above: fp32 sums in another order).
         assert_same_run(got, ref, RTOL, ATOL, TINY["vocab_size"], what=name)
-    assert results[0]["ramp_tp2"]["tokens"] == results[0]["ramp_dp2"]["tokens"] == ref["tokens"]
+    for name in ("ramp_tp2", "ramp_dp2", "ramp_pp2"):
+        assert results[0][name]["tokens"] == ref["tokens"], name
 
     # Resumed after step 3 (consumed 8): the ramp goes on from there, and on the same layout the losses
     # are bitwise those of the uninterrupted run (DESIGN invariant 6).
@@ -332,7 +336,14 @@ def test_bad_global_batch_size_and_rampup(results):
             GlobalBatchSize(GLOBAL, 2, rampup=rampup)
     # Errors that depend on the layout come from setup, on every rank, before any batch ran.
     message, batches = results[0]["refused_pp"]
-    assert "not supported with pipeline_parallel_size=2" in message and batches == 0, message
+    assert batches == 0, message
+    assert (
+        "gives pipeline runs of gcd(start, increment) / (micro_batch_size x dp) = 1 microbatches" in message
+    )
+    assert (
+        "1F1B needs num_microbatches" in message
+        and "Choose start and increment whose gcd is a larger multiple of 2" in message
+    )
     message, batches = results[0]["refused_start"]
     assert batches == 0
     assert (
