@@ -1,12 +1,13 @@
 """Callbacks for parallel training (installed as ``lightning_par.callbacks``)."""
 
-from lightning_par.callbacks.accumulation import GlobalBatchSize
+from lightning_par.callbacks.accumulation import BatchSizeRampup, GlobalBatchSize
 from lightning_par.callbacks.checkpoint import ShardedCheckpoint
 from lightning_par.callbacks.precision import MixedPrecision, ShardedMixedPrecision
 from lightning_par.callbacks.sampling import GenerateText
 from lightning_par.callbacks.throughput import ParallelThroughputMonitor, TokensPerSecond
 
 __all__ = [
+    "BatchSizeRampup",
     "GenerateText",
     "GlobalBatchSize",
     "MixedPrecision",
