@@ -110,10 +110,9 @@ def _hf_out(hf: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
 
 
 # ---- training runs: strategy vs a plain PyTorch reference ----------------------------------------------
-def _model(task: str) -> L.LightningModule:
-    if task == "mlm":
-        return BERT(**TINY, **OPTIM)
-    return BERTClassifier(num_labels=HF_LABELS, **TINY, **OPTIM)
+def _model(task: str, n_layer: int = TINY["n_layer"]) -> L.LightningModule:
+    kw = {**TINY, **OPTIM, "n_layer": n_layer}
+    return BERT(**kw) if task == "mlm" else BERTClassifier(num_labels=HF_LABELS, **kw)
 
 
 class TokenMeanRecorder(Recorder):
@@ -128,9 +127,9 @@ class TokenMeanRecorder(Recorder):
         self.losses[-1] = float(stats[0] / stats[1])
 
 
-def _fit(strategy: Any, devices: int, task: str, batch: int, data: Dataset) -> dict:
+def _fit(strategy: Any, devices: int, task: str, batch: int, data: Dataset, n_layer: int = 2) -> dict:
     L.seed_everything(SEED, verbose=False)
-    model = _model(task)
+    model = _model(task, n_layer)
     rec = TokenMeanRecorder()
     trainer = quiet_trainer(
         strategy, devices, max_steps=STEPS, gradient_clip_val=0.05, limit_val_batches=0, callbacks=[rec]
@@ -167,10 +166,10 @@ def _merge(results: list[dict]) -> dict:
     return merged
 
 
-def _reference(task: str, batch: int, data: Dataset) -> dict:
+def _reference(task: str, batch: int, data: Dataset, n_layer: int = 2) -> dict:
     """The same training in one process, plain PyTorch (torch's clipping and AdamW)."""
     L.seed_everything(SEED, verbose=False)
-    model = _model(task)
+    model = _model(task, n_layer)
     model.configure_model()
     opt = torch.optim.AdamW(model._param_groups(), lr=OPTIM["learning_rate"], betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(1, 10, 0.1))
@@ -216,6 +215,11 @@ def _two(rank: int, world: int, mlm_dir: str, cls_dir: str, rows: dict, ckpt: st
         for name, kw in layouts.items():
             strategy = lightning_par.HybridParallelStrategy(**kw)
             out["parity"][task, name] = _fit(strategy, world, task, BATCH, Rows(rows[f"train_{task}"]))
+    # ZBV: two stages per rank in a V (embedding and tied decoder both on rank 0), mask to all 4 stages.
+    zbv = lightning_par.HybridParallelStrategy(
+        pipeline_parallel_size=2, pipeline_schedule="zbv", num_microbatches=4
+    )
+    out["parity"]["mlm", "zbv"] = _fit(zbv, world, "mlm", BATCH, Rows(rows["train_mlm"]), n_layer=4)
     tp2 = lightning_par.HybridParallelStrategy(tensor_parallel_size=2)
     out["hf_mlm"] = _hf_eval(tp2, world, BERT, mlm_dir, rows["hf_mlm"], 6)
     tp2 = lightning_par.HybridParallelStrategy(tensor_parallel_size=2)
@@ -325,6 +329,9 @@ def test_bert_two_processes_tp2_pp2_hf_parity_and_export(setup: dict) -> None:
         for name in ("tp2", "pp2"):
             got = _merge([r["parity"][task, name] for r in results])
             assert_same_run(got, ref, RTOL, ATOL, TINY["vocab_size"], what=f"{task} {name}")
+    got = _merge([r["parity"]["mlm", "zbv"] for r in results])
+    ref = _reference("mlm", BATCH, Rows(rows["train_mlm"]), n_layer=4)
+    assert_same_run(got, ref, RTOL, ATOL, TINY["vocab_size"], what="mlm pp2 zbv")
 
     r0 = {**results[0], "hf_mlm_all": [r["hf_mlm"] for r in results]}
     print("tp=2 HF max |diff| (mlm, cls):", _check_hf(r0, setup["hf_mlm"], setup["hf_cls"], rows, 2, "tp=2"))
