@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from lightning_par.tensor_parallel import Replicated, VocabParallel
+from lightning_par.tensor_parallel import VocabParallel
 
 
 class _BERTModule(L.LightningModule):
@@ -87,7 +87,6 @@ class _BERTModule(L.LightningModule):
             plan["model.head.decoder"] = VocabParallelWithBias(self.config.vocab_size, **kw)
         # Everything else (position/token-type embeddings, LayerNorms, pooler, classifier, MLM transform)
         # stays whole on every rank: the strategy makes it Replicate().
-        plan.update({k: Replicated(**kw) for k in ("model.embed.ln", "model.head.ln")})
         return plan
 
     def post_parallelize(self) -> None:
@@ -115,28 +114,31 @@ class _BERTModule(L.LightningModule):
         """
         ids = batch["input_ids"]
         check_sequence_length(ids.shape[1], self.config.max_position_embeddings)
-        checks = [("input_ids", ids, self.config.vocab_size)]
+        # (name, tensor, limit name, limit): values must lie in 0..limit - 1.
+        checks = [("input_ids", ids, "vocab_size", self.config.vocab_size)]
         types = batch.get("token_type_ids")
         if types is not None:
-            checks.append(("token_type_ids", types, self.config.type_vocab_size))
+            checks.append(("token_type_ids", types, "type_vocab_size", self.config.type_vocab_size))
         labels = batch.get("labels")
         if labels is not None and self.label_range is not None:
-            checks.append(("labels", labels, self.label_range))
+            checks.append(("labels", labels, *self.label_range))
         bad = []
-        for _, t, n in checks:
+        for _, t, _, n in checks:
             valid = t != IGNORE_INDEX if t is labels else torch.ones_like(t, dtype=torch.bool)
             bad.append(((t < 0) | (t >= n)) & valid)
         flags = torch.stack([b.any() for b in bad]).tolist()
-        for (name, t, n), b, flag in zip(checks, bad, flags, strict=True):
+        for (name, t, limit, n), b, flag in zip(checks, bad, flags, strict=True):
             if flag:
                 value = t[b][0].item()
                 extra = " or -100 (ignored)" if name == "labels" else ""
-                raise ValueError(f"{name} holds {value}, outside the valid range 0..{n - 1}{extra}.")
+                raise ValueError(
+                    f"{name} holds {value}, outside the valid range 0..{n - 1}{extra} ({limit}={n})."
+                )
 
     @property
-    def label_range(self) -> int | None:
-        """Labels must lie in ``0..label_range - 1`` (None: float targets, not checked)."""
-        return self.config.vocab_size
+    def label_range(self) -> tuple[str, int] | None:
+        """Labels must lie in ``0..n - 1`` for ``(name of n, n)``; ``None``: float targets, not checked."""
+        return ("vocab_size", self.config.vocab_size)
 
     def _model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: batch[k] for k in ("attention_mask", "token_type_ids") if batch.get(k) is not None}
@@ -365,8 +367,8 @@ class BERTClassifier(_BERTModule):
             self.val_f1 = MulticlassF1Score(num_labels, average="macro", ignore_index=IGNORE_INDEX)
 
     @property
-    def label_range(self) -> int | None:
-        return None if self.config.num_labels == 1 else self.config.num_labels
+    def label_range(self) -> tuple[str, int] | None:
+        return None if self.config.num_labels == 1 else ("num_labels", self.config.num_labels)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None

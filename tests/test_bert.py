@@ -450,7 +450,10 @@ def test_bad_input_raises_before_work(setup: dict) -> None:
     model.model.register_forward_pre_hook(lambda *a: calls.append(1))
     batch = _stack(_rows(4, TINY["vocab_size"], "cls"))
     batch["labels"] = torch.tensor([0, 2, 3, -100])
-    with pytest.raises(ValueError, match=r"labels holds 3, outside the valid range 0\.\.2 or -100"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels holds 3, outside the valid range 0\.\.2 or -100 \(ignored\) \(num_labels=3\)",
+    ):
         model.training_step(batch, 0)
     batch["labels"] = torch.tensor([0, 2, 1, -100])
     long = {k: torch.cat([v, v], dim=1) if v.ndim == 2 else v for k, v in batch.items()}
@@ -459,14 +462,19 @@ def test_bad_input_raises_before_work(setup: dict) -> None:
     ):
         model.training_step(long, 0)
     batch["input_ids"][0, 0] = TINY["vocab_size"]
-    with pytest.raises(ValueError, match=r"input_ids holds 250, outside the valid range 0\.\.249"):
+    with pytest.raises(
+        ValueError, match=r"input_ids holds 250, outside the valid range 0\.\.249 \(vocab_size=250\)"
+    ):
         model.validation_step(batch, 0)
     mlm = BERT(**TINY)
     mlm.configure_model()
     mlm.model.register_forward_pre_hook(lambda *a: calls.append(1))
     batch = _stack(_rows(2, TINY["vocab_size"], "mlm"))
     batch["labels"][0, 0] = -5
-    with pytest.raises(ValueError, match=r"labels holds -5, outside the valid range 0\.\.249"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels holds -5, outside the valid range 0\.\.249 or -100 \(ignored\) \(vocab_size=250\)",
+    ):
         mlm.training_step(batch, 0)
     assert not calls, "the network ran before the bad input was refused"
     with pytest.raises(
