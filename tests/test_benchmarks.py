@@ -39,3 +39,17 @@ def test_pp_speed_smoke():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pp=2 1f1b" in proc.stdout and "pp=2 zbv" in proc.stdout
+
+
+def test_ep_speed_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ep_speed.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lightning  ep2 / ep1 tokens/s:" in proc.stdout
+    # Dropless routing sends every assignment there and back, forward and backward: the count is exact.
+    assert "ratio 1.0000" in proc.stdout
