@@ -131,6 +131,7 @@ def test_cli_fit_runs_bert_config(tmp_path, config: str, extra: list[str]) -> No
     assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
     log = next(runs[0].glob("run-*.wandb")).read_bytes()  # keys are plain strings in wandb's offline log
     keys = [b"train/loss", b"val/loss", b"val/accuracy", b"train/consumed_samples", b"model_config"]
+    keys += [b"train/lengths"]  # ParallelThroughputMonitor
     keys += [b"val/ppl"] if "mlm" in config else [b"val/f1", b"num_labels"]
     for key in keys:
         assert key in log, f"{key!r} not recorded in the W&B run"

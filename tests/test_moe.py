@@ -184,8 +184,17 @@ def _ep2_checkpoint_and_precision(rank: int, world: int, tmp: str) -> dict:
         "save": _fit_moe(world, SAVE_AT, f"{tmp}/ep2", None, []),
         "resume": _fit_moe(world, TOTAL, None, f"{tmp}/ep2/last.ckpt", []),
     }
+
+    class ExpertOverflow(Overflow):
+        """The inf goes into an expert's gradient (rank 1 holds experts 2 and 3)."""
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            if trainer.global_step == 1 and self.rank == self.bad_rank:
+                grad = dict(pl_module.named_parameters())["model.layers.3.mlp.experts.3.fc.weight"].grad
+                grad.view(-1)[0] = float("inf")
+
     for precision in ("bf16-mixed", "16-mixed"):
-        probe = Overflow(rank, bad_rank=1 if precision == "16-mixed" else -1)
+        probe = ExpertOverflow(rank, bad_rank=1 if precision == "16-mixed" else -1)
         amp = MixedPrecision(precision, init_scale=1024.0, growth_interval=2)
         out[precision] = (_fit_moe(world, 4, None, None, [amp, probe]), probe.skipped, probe.scales)
     return out
@@ -213,7 +222,8 @@ def test_ep2_checkpoint_resumes_on_ep2_and_ep1_and_mixed_precision(tmp_path):
         losses, skipped, scales = r[precision]
         assert all(torch.isfinite(torch.tensor(losses)))
         assert losses[0] == pytest.approx(straight[0], rel=1e-2)
-    # fp16: an inf in rank 1's gradients at step 1 makes both ranks skip that step and halve the scale.
+    # fp16: an inf in one expert's gradient on rank 1 at step 1 makes both ranks skip that step and halve
+    # the scale.
     for rank_result in results:
         _, skipped, scales = rank_result["16-mixed"]
         assert skipped == [False, True, False, False] and scales == [1024.0, 512.0, 512.0, 1024.0]
