@@ -214,6 +214,45 @@ def moe_forward(
     return torch.zeros_like(x).index_add(0, token[assignment], (y * weight.to(y.dtype)).to(x.dtype))
 
 
+class _GatherSequence(torch.autograd.Function):
+    """Sequence parallel: all-gather the sequence shards (dim 0) so a MoE layer routes whole sequences.
+
+    Every tp rank then computes the same MoE output and the same gradient for it, so the backward keeps
+    this rank's slice of that (identical) gradient: no reduction.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = x.new_empty((x.shape[0] * size, *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(size, dim=0)[rank].contiguous(), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """Sequence parallel: keep this rank's sequence shard of a (tp-replicated) MoE output.
+
+    The backward all-gathers the shards' gradients, so every tp rank back-propagates the same whole
+    gradient through the experts (whose tensor-parallel backward needs identical upstream gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return y.chunk(size, dim=0)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _GatherSequence.forward(ctx, grad, ctx.group), None
+
+
 class _InjectAuxGrad(torch.autograd.Function):
     """Identity on ``out``; in backward, also gives ``aux`` the gradient ``scale`` (its loss weight).
 
@@ -270,6 +309,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): make_expert() for e in range(num_experts)})
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.group: dist.ProcessGroup | None = None
+        self.sequence_parallel_group: dist.ProcessGroup | None = None
+        """The tp group under sequence parallel (set by the strategy): inputs arrive as sequence shards."""
         self.aux_grad_scale: Tensor | None = None
         """Set by a pipeline runner while it trains: inject the aux gradient with this loss scale."""
         self.record = True
@@ -295,6 +336,9 @@ class MoE(nn.Module):
         return torch.cat(outs) if outs else x
 
     def forward(self, x: Tensor) -> Tensor:
+        sp = self.sequence_parallel_group
+        if sp is not None:  # routing groups are whole sequences: gather them, route, keep our shard
+            x = _GatherSequence.apply(x, sp)
         T, B, C = x.shape
         flat = x.transpose(0, 1).reshape(B * T, C)  # whole sequences, one after another
         routing = self.router(flat, T)
@@ -309,7 +353,7 @@ class MoE(nn.Module):
                 else:
                     self._pending_aux.append(aux)
             self._record(routing, T)
-        return y
+        return y if sp is None else _ScatterSequence.apply(y, sp)
 
     def _record(self, routing: Routing, seq_len: int) -> None:
         with torch.no_grad():

@@ -178,6 +178,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._ep_group: dist.ProcessGroup | None = None
         self._edp_group: dist.ProcessGroup | None = None
         self._expert_param_ids: set[int] = set()
+        self._moe_param_ids: set[int] = set()  # experts and routers
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -334,9 +335,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             init()
         if self._tied:
             self._norm_duplicates = self._tied_copies(module)
-        self._expert_param_ids = {
-            id(p) for m in module.modules() if isinstance(m, MoE) for p in m.experts.parameters()
-        }
+        moe = [m for m in module.modules() if isinstance(m, MoE)]
+        self._expert_param_ids = {id(p) for m in moe for p in m.experts.parameters()}
+        self._moe_param_ids = {id(p) for m in moe for p in m.parameters()}
 
     def _shard_experts(self, module: nn.Module) -> None:
         """Keep this rank's block of every MoE layer's experts (still on meta) and wire the ep group."""
@@ -346,6 +347,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         for m in module.modules():
             if isinstance(m, MoE):
                 m.shard_experts(self._ep_group, ep_rank, layout.ep)
+                if layout.sequence_parallel:
+                    m.sequence_parallel_group = self.tp_group
 
     # ---- pipeline parallel ----------------------------------------------------------------------------
     def _split_pipeline(self, module: nn.Module) -> None:
@@ -565,8 +568,13 @@ class HybridParallelStrategy(ModelParallelStrategy):
         params = [p for p in params if p.grad is not None]
         if self.layout.sequence_parallel:
             # Under sequence parallel every replicated parameter (LayerNorm, position embedding, row-parallel
-            # bias) sees only this rank's sequence shard, so its gradient is a partial sum.
-            partial = [p.grad.to_local() for p in params if is_replicated_dtensor(p.grad)]
+            # bias) sees only this rank's sequence shard, so its gradient is a partial sum. MoE layers route
+            # whole (gathered) sequences: their replicated parameters already hold the full gradient.
+            partial = [
+                p.grad.to_local()
+                for p in params
+                if is_replicated_dtensor(p.grad) and id(p) not in self._moe_param_ids
+            ]
             bucket_all_reduce(partial, self.tp_group, scale=1.0)
         # Experts are held by the dp / ep replicas of their expert-data-parallel group, and each already
         # has the contributions of every token the ep group sent it: they are reduced over that group only.

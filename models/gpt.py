@@ -413,12 +413,6 @@ class GPT(L.LightningModule):
                 f"tensor_parallel_size={tensor_parallel_size} does not divide n_head={cfg.n_head}; "
                 f"valid tensor_parallel_size for this model: {valid}."
             )
-        if cfg.num_experts and sequence_parallel and tensor_parallel_size > 1:
-            raise ValueError(
-                "sequence_parallel=True is not supported with mixture-of-experts layers (num_experts="
-                f"{cfg.num_experts}): experts are tensor-parallel over whole sequences; use "
-                "sequence_parallel=False."
-            )
 
     def tensor_parallel_plan(self, sequence_parallel: bool, comm_chunks: int) -> dict[str, ParallelStyle]:
         kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
@@ -434,9 +428,10 @@ class GPT(L.LightningModule):
             layer = block_tp_plan(f"model.layers.{i}", sequence_parallel, comm_chunks)
             if i in moe:
                 # Each expert is an MLP split like the dense one (the router stays whole on every tp rank).
+                # Experts see whole sequences (the MoE layer gathers them under sequence parallel).
                 layer = {k: v for k, v in layer.items() if ".mlp." not in k}
-                layer[f"model.layers.{i}.mlp.experts.*.fc"] = ColumnParallel(**kw)
-                layer[f"model.layers.{i}.mlp.experts.*.proj"] = RowParallel(**kw)
+                layer[f"model.layers.{i}.mlp.experts.*.fc"] = ColumnParallel(comm_chunks=comm_chunks)
+                layer[f"model.layers.{i}.mlp.experts.*.proj"] = RowParallel(comm_chunks=comm_chunks)
             plan.update(layer)
         assert self.model is not None
         if not self.config.tie_embeddings or self.model.embed is None:

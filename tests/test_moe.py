@@ -64,6 +64,12 @@ TWO_PROCESS_RUNS = [
         1,
     ),
     (
+        "tp2 sequence parallel, capped",
+        lambda: lightning_par.TensorParallelStrategy(tensor_parallel_size=2, sequence_parallel=True),
+        CAPPED,
+        1,
+    ),
+    (
         "pp2 zbv dropless",
         lambda: lightning_par.PipelineParallelStrategy(pipeline_schedule="zbv", num_microbatches=2),
         DROPLESS,
