@@ -1,12 +1,15 @@
 """Gradient reductions and norms of the parallel layouts: bucketed collectives, no per-parameter calls.
 
-Used by :class:`lightning_par.strategy.HybridParallelStrategy` after each backward: sequence-parallel
-partial sums over tp, replicas combined over dp, and the global norm for clipping.
+Used by :class:`lightning_par.strategy.HybridParallelStrategy` after each backward
+(:class:`GradientSync`): sequence-parallel partial sums over tp, replicas combined over dp (experts over
+their expert-data-parallel group), tied weights summed across pipeline ranks, and the global norm for
+clipping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -53,3 +56,84 @@ def bucket_all_reduce(tensors: list[Tensor], group: dist.ProcessGroup, scale: fl
             flat.mul_(scale)
         for t, synced in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors), strict=True):
             t.copy_(synced)
+
+
+@dataclass
+class GradientSync:
+    """Which group each kind of gradient is reduced over, and how the global norm adds up.
+
+    Built by the strategy once the model is sharded. Groups are ``None`` where their size is 1.
+
+    * dense parameters: summed over ``dp`` (the data-parallel replicas);
+    * experts (``expert_ids``): over ``edp``, the replicas that hold the same experts (expert parallel is
+      carved out of dp; each expert already has the contributions of every token its ep group sent it);
+    * under sequence parallel, replicated parameters first sum their partial gradients over ``tp``,
+      except those of MoE layers (``moe_ids``), which see whole gathered sequences;
+    * weights tied across pipeline ranks (``tied``: names and the group of ranks holding a copy) sum their
+      parts, and the norm counts the extra copies (``norm_duplicates``) once.
+    """
+
+    tp: dist.ProcessGroup | None = None
+    dp: dist.ProcessGroup | None = None
+    edp: dist.ProcessGroup | None = None
+    ep: dist.ProcessGroup | None = None
+    pp: dist.ProcessGroup | None = None
+    sequence_parallel: bool = False
+    expert_ids: set[int] = field(default_factory=set)
+    moe_ids: set[int] = field(default_factory=set)
+    tied: list[tuple[list[str], dist.ProcessGroup]] = field(default_factory=list)
+    norm_duplicates: set[int] = field(default_factory=set)
+
+    @torch.no_grad()
+    def reduce(self, params: Iterable[Tensor], named: dict[str, Tensor], scale: float | None) -> None:
+        """Reduce every gradient over its group(s), multiplied by ``scale`` (``None``: no dp reduction)."""
+        params = [p for p in params if p.grad is not None]
+        if self.sequence_parallel and self.tp is not None:
+            partial = [
+                p.grad.to_local()
+                for p in params
+                if is_replicated_dtensor(p.grad) and id(p) not in self.moe_ids
+            ]
+            bucket_all_reduce(partial, self.tp, scale=1.0)
+        if scale is not None:
+            dense = [local(p.grad) for p in params if id(p) not in self.expert_ids]
+            experts = [local(p.grad) for p in params if id(p) in self.expert_ids]
+            for group, tensors in ((self.dp, dense), (self.edp, experts)):
+                if group is not None:
+                    bucket_all_reduce(tensors, group, scale=scale)
+                elif tensors and scale != 1.0:
+                    torch._foreach_mul_(tensors, scale)
+        for names, group in self.tied:
+            # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
+            # one part of its gradient on each: sum them, so both copies take the same step.
+            grads = [local(named[n].grad) for n in names if n in named and named[n].grad is not None]
+            bucket_all_reduce(grads, group, scale=1.0)
+
+    @torch.no_grad()
+    def norm(self, params: Iterable[Tensor], device: torch.device) -> Tensor:
+        """The L2 norm of the whole (unsharded) model's gradient, each parameter counted once.
+
+        Sharded parameters add their shard's squares, summed over tp; replicated ones are the same on every
+        tp rank and are added once. Experts differ over the ep group (summed over it); pipeline stages hold
+        different parameters (summed over pp, the second copy of a tied weight left out). Data-parallel
+        replicas already agree.
+        """
+        # [dense sharded, dense replicated, expert sharded, expert replicated]
+        parts: list[list[Tensor]] = [[], [], [], []]
+        for p in params:
+            if p.grad is None or id(p) in self.norm_duplicates:
+                continue
+            kind = 0 if isinstance(p.grad, DTensor) and not is_replicated_dtensor(p.grad) else 1
+            parts[kind + (2 if id(p) in self.expert_ids else 0)].append(local(p.grad))
+        sq = torch.stack([sum_squares(part, device) for part in parts])
+        if self.tp is not None:
+            sharded = sq[0::2].contiguous()
+            dist.all_reduce(sharded, group=self.tp)
+            sq[0::2] = sharded
+        expert = sq[2] + sq[3]
+        if self.ep is not None:
+            dist.all_reduce(expert, group=self.ep)
+        total = sq[0] + sq[1] + expert
+        if self.pp is not None:
+            dist.all_reduce(total, group=self.pp)
+        return total.sqrt()

@@ -51,11 +51,9 @@ from torchmetrics import Metric
 from lightning_par.checkpoint import ResumableLoader, load_sharded, save_sharded
 from lightning_par.experts import MoE
 from lightning_par.gradients import (
-    bucket_all_reduce,
-    is_replicated_dtensor,
+    GradientSync,
     local,
     optimizer_params,
-    sum_squares,
 )
 from lightning_par.layout import ParallelLayout, default_backend
 from lightning_par.model_setup import materialize_meta, present, tied_names
@@ -166,7 +164,6 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.timeline_summary: dict[str, Any] | None = None
         # Tied parameters split between pipeline ranks: (names, group of the ranks holding them).
         self._tied: list[tuple[list[str], dist.ProcessGroup]] = []
-        self._norm_duplicates: set[int] = set()
         self._stashed_grads: list[tuple[Tensor, Tensor]] = []
         self._tie_groups: list[list[str]] = []
         # Token counts of this optimizer step's micro-batches (from training_step's "num_tokens"), and
@@ -177,8 +174,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         # Expert parallel: the ep group (dispatch) and the group of replicas holding the same experts.
         self._ep_group: dist.ProcessGroup | None = None
         self._edp_group: dist.ProcessGroup | None = None
-        self._expert_param_ids: set[int] = set()
-        self._moe_param_ids: set[int] = set()  # experts and routers
+        self.grad_sync = GradientSync()
+        """Which group each gradient is reduced over (built once the model is sharded)."""
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -333,11 +330,19 @@ class HybridParallelStrategy(ModelParallelStrategy):
             if init is None:
                 raise TypeError("The model was built on meta but has no `init_weights()` to fill it.")
             init()
-        if self._tied:
-            self._norm_duplicates = self._tied_copies(module)
         moe = [m for m in module.modules() if isinstance(m, MoE)]
-        self._expert_param_ids = {id(p) for m in moe for p in m.experts.parameters()}
-        self._moe_param_ids = {id(p) for m in moe for p in m.parameters()}
+        self.grad_sync = GradientSync(
+            tp=self.tp_group if layout.tp > 1 else None,
+            dp=self.dp_group if layout.dp > 1 else None,
+            edp=self._edp_group,
+            ep=self._ep_group,
+            pp=self.pp_group if layout.pp > 1 else None,
+            sequence_parallel=layout.sequence_parallel,
+            expert_ids={id(p) for m in moe for p in m.experts.parameters()},
+            moe_ids={id(p) for m in moe for p in m.parameters()},
+            tied=self._tied,
+            norm_duplicates=self._tied_copies(module),
+        )
 
     def _shard_experts(self, module: nn.Module) -> None:
         """Keep this rank's block of every MoE layer's experts (still on meta) and wire the ep group."""
@@ -559,27 +564,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
 
     @torch.no_grad()
     def reduce_gradients(self, params: Iterable[Tensor]) -> None:
-        """Sum sequence-parallel partial gradients over tp, then combine the replicas' gradients over dp.
+        """Make every gradient that of the token-weighted mean loss of the whole global batch.
 
-        The result is the gradient of the token-weighted mean loss of the whole global batch (all
-        micro-batches of the step, all replicas). One flat bucket per collective.
+        All micro-batches of the step, all replicas: see :class:`~lightning_par.gradients.GradientSync`
+        for which group each kind of parameter is reduced over. One flat bucket per collective.
         """
         assert self.layout is not None
-        params = [p for p in params if p.grad is not None]
-        if self.layout.sequence_parallel:
-            # Under sequence parallel every replicated parameter (LayerNorm, position embedding, row-parallel
-            # bias) sees only this rank's sequence shard, so its gradient is a partial sum. MoE layers route
-            # whole (gathered) sequences: their replicated parameters already hold the full gradient.
-            partial = [
-                p.grad.to_local()
-                for p in params
-                if is_replicated_dtensor(p.grad) and id(p) not in self._moe_param_ids
-            ]
-            bucket_all_reduce(partial, self.tp_group, scale=1.0)
-        # Experts are held by the dp / ep replicas of their expert-data-parallel group, and each already
-        # has the contributions of every token the ep group sent it: they are reduced over that group only.
-        grads = [local(p.grad) for p in params if id(p) not in self._expert_param_ids]
-        expert_grads = [local(p.grad) for p in params if id(p) in self._expert_param_ids]
         scale = None
         if self._grads_are_sums:
             # Token sums of every micro-batch on every replica: divide by the global batch's tokens.
@@ -590,58 +580,15 @@ class HybridParallelStrategy(ModelParallelStrategy):
         elif self.layout.dp > 1:
             # Under pipeline parallel each replica already divided by the global batch's tokens: sum.
             scale = 1.0 if self.pipeline is not None else 1.0 / self.layout.dp
-        if scale is not None:
-            for group, tensors in ((self.dp_group, grads), (self._edp_group, expert_grads)):
-                if self.layout.dp > 1 and group is not None:
-                    bucket_all_reduce(tensors, group, scale=scale)
-                elif tensors and scale != 1.0:
-                    torch._foreach_mul_(tensors, scale)
         self._step_tokens, self._grads_are_sums = [], False
-        if self._tied:
-            # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
-            # one part of its gradient on each: sum them, so both copies take the same step.
-            named = dict(self.lightning_module.named_parameters())
-            for names, group in self._tied:
-                grads = [local(named[n].grad) for n in names if n in named and named[n].grad is not None]
-                bucket_all_reduce(grads, group, scale=1.0)
+        named = dict(self.lightning_module.named_parameters()) if self.grad_sync.tied else {}
+        self.grad_sync.reduce(params, named, scale)
 
-    @torch.no_grad()
     def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
-        """The gradient norm of the whole (unsharded) model, each parameter counted once.
-
-        Sharded parameters contribute their shard's squares, summed over tp; replicated ones are the same
-        on every tp rank and are added once, after the sum. Pipeline stages hold different parameters, so
-        their sums are added over pp, where the second copy of a tied weight is left out. Data-parallel
-        replicas already agree.
-        """
+        """The gradient norm of the whole (unsharded) model, each parameter counted once."""
         if norm_type != 2.0:
             raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
-        # [dense sharded, dense replicated, expert sharded, expert replicated]
-        parts: list[list[Tensor]] = [[], [], [], []]
-        for p in params:
-            if p.grad is None or id(p) in self._norm_duplicates:
-                continue
-            g = p.grad
-            kind = 0 if isinstance(g, DTensor) and not is_replicated_dtensor(g) else 1
-            parts[kind + (2 if id(p) in self._expert_param_ids else 0)].append(local(g))
-        device = self.root_device
-        sq = torch.stack([sum_squares(part, device) for part in parts])
-        if self.layout is not None and self.layout.tp > 1:
-            sq[0::2] = self._all_reduced(sq[0::2], self.tp_group)
-        expert = sq[2] + sq[3]
-        if self._ep_group is not None:
-            # Each rank of the ep group holds other experts: their squares add up.
-            dist.all_reduce(expert, group=self._ep_group)
-        total = sq[0] + sq[1] + expert
-        if self.layout is not None and self.layout.pp > 1:
-            dist.all_reduce(total, group=self.pp_group)
-        return total.sqrt()
-
-    @staticmethod
-    def _all_reduced(t: Tensor, group: dist.ProcessGroup) -> Tensor:
-        t = t.contiguous()
-        dist.all_reduce(t, group=group)
-        return t
+        return self.grad_sync.norm(params, self.root_device)
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float | int) -> None:
         params = list(optimizer_params(optimizer))
