@@ -8,9 +8,12 @@ Every variant trains the same MoE GPT (every second layer MoE, dropless, vocab 4
 of 8 sequences per rank, one thread per process:
 
 * ``hand_ep1`` / ``hand_ep2``: a minimal loop without Lightning: the network with its experts split over the
-  ranks by hand (two all-to-all exchanges per MoE layer), dense gradients averaged in one flat bucket;
+  ranks by hand (two all-to-all exchanges per MoE layer), dense gradients averaged in one flat bucket,
+  expert gradients divided by the number of ranks;
 * ``lightning_ep1`` / ``lightning_ep2``: ``lightning.Trainer`` with :class:`ExpertParallelStrategy` on one
-  and on two processes (ep = dp = devices).
+  and on two processes (ep = dp = devices);
+* ``alone_x2``: two processes that each run ``hand_ep1`` with no communication at all: what two processes
+  get from the machine (shared memory bandwidth and caches), the ceiling for any 2-process speed-up.
 
 ep=2 processes twice the tokens per step (8 sequences on each rank), so perfect scaling is 2.0x; each rank
 also updates only its own experts' optimizer state. In ``lightning_ep2`` every ``dist.all_to_all_single``
@@ -79,6 +82,7 @@ def _hand(rank: int, world: int, shape: dict, warmup: int, steps: int) -> dict:
     fill_parameters(net, net.random_init_source(0))
     experts = {id(p) for m in net.moe_modules().values() for p in m.experts.parameters()}
     dense = [p for p in net.parameters() if id(p) not in experts]
+    mine = [p for p in net.parameters() if id(p) in experts]
     opt = _optimizer(net.parameters())
     times = []
     for batch in _batches(shape, rank, warmup + steps):
@@ -93,9 +97,16 @@ def _hand(rank: int, world: int, shape: dict, warmup: int, steps: int) -> dict:
             flat.div_(world)
             for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 g.copy_(synced)
+            # An expert's gradient holds both ranks' (mean) losses: the mean loss over ranks is half of it.
+            torch._foreach_div_([p.grad for p in mine], world)
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times[warmup:])}
+
+
+def _alone(rank: int, world: int, shape: dict, warmup: int, steps: int) -> dict:
+    """Every process trains its own ep=1 model, no communication at all: only the cores are shared."""
+    return _hand(0, 1, shape, warmup, steps)
 
 
 def _lightning(rank: int, world: int, shape: dict, warmup: int, steps: int) -> dict:
@@ -137,10 +148,11 @@ def _lightning(rank: int, world: int, shape: dict, warmup: int, steps: int) -> d
         def configure_optimizers(self):  # the same optimizer as the hand-written loop (no scheduler)
             return _optimizer(self.parameters())
 
+    # Each rank reads the batches the hand-written loop gives it (routing, and so the experts' loads,
+    # depend on the tokens: the same data on both sides).
     rows = [
         dict(input_ids=b["input_ids"][i], labels=b["labels"][i])
-        for r in range(world)
-        for b in _batches(shape, r, warmup + steps)
+        for b in _batches(shape, rank, warmup + steps)
         for i in range(BATCH)
     ]
     timer = StepTimer()
@@ -153,6 +165,7 @@ def _lightning(rank: int, world: int, shape: dict, warmup: int, steps: int) -> d
         num_sanity_val_steps=0,
         callbacks=[timer],
         default_root_dir=str(ROOT / "runs" / "bench"),
+        use_distributed_sampler=False,
     )
     trainer.fit(Fixed(**shape, init_seed=0), DataLoader(rows, batch_size=BATCH))
     dist_times = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:], strict=True)]
@@ -184,6 +197,7 @@ def main() -> None:
         ("hand_ep2", 2, _hand),
         ("lightning_ep1", 1, _lightning),
         ("lightning_ep2", 2, _lightning),
+        ("alone_x2", 2, _alone),
     ]
     runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     for round_ in range(args.repeat):
@@ -210,6 +224,11 @@ def main() -> None:
     for kind in ("hand", "lightning"):
         one, two = results[f"{kind}_ep1"], results[f"{kind}_ep2"]
         print(f"{kind:10s} ep2 / ep1 tokens/s: {two['tokens_per_s'] / one['tokens_per_s']:.3f}x")
+    ceiling = results["alone_x2"]["tokens_per_s"] / results["hand_ep1"]["tokens_per_s"]
+    print(
+        f"two independent processes / one (no communication; this machine's ceiling for 2 processes): "
+        f"{ceiling:.3f}x"
+    )
     lt = results["lightning_ep2"]
     print(
         f"all-to-all token bytes per step, all ranks: {lt['a2a_bytes']:.0f} measured, "
