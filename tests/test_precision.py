@@ -53,6 +53,7 @@ def _run(rank: int, world: int, kw: dict, precision: str, bad_rank: int | None, 
         "skipped": probe.skipped,
         "weights": probe.weights,
         "loss": float(trainer.callback_metrics["train/loss"]),
+        "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("precision/")},
     }
 
 
@@ -79,6 +80,10 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank():
                 assert torch.equal(r["weights"][1][name], before), f"{case}: {name} moved in the skipped step"
                 assert not torch.equal(r["weights"][2][name], before) or "wpe" in name or "bias" in name
             assert torch.isfinite(torch.tensor(r["loss"]))
+            # What the loggers get after the last step: the current scale and the steps skipped so far.
+            assert r["logged"] == {"precision/loss_scale": 1024.0, "precision/skipped_steps": 1.0}, r[
+                "logged"
+            ]
         assert per_rank[0]["scales"] == per_rank[1]["scales"]
     for r in results:
         assert r["pp_first"]["skipped"] == [False, True] and r["pp_first"]["scales"] == [1024.0, 512.0]
