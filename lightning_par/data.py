@@ -363,15 +363,30 @@ class TextDataModule(L.LightningDataModule):
         """Validation blocks in order."""
         return self._loader(self.val_dataset, shuffle=False)
 
-    def _loader(self, dataset: BlockDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+    def _loader(
+        self, dataset: Dataset | None, shuffle: bool, collate_fn: Callable[[list], Any] | None = None
+    ) -> DataLoader:
+        return seeded_loader(dataset, self.batch_size, shuffle, self.num_workers, self.seed, collate_fn)
+
+
+def seeded_loader(
+    dataset: Dataset | None,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> DataLoader:
+    """The data modules' loader: a seeded shuffle and no short last batch when training, in order otherwise."""
+    if dataset is None:
+        raise RuntimeError("call setup() before asking for a dataloader")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        collate_fn=collate_fn,
+    )

@@ -164,20 +164,10 @@ class MLMDataModule(TextDataModule):
         self.train_dataset = _MLMWindows(self.train_dataset.tokens, self.block_size, cls_id, sep_id)
         self.val_dataset = _MLMWindows(self.val_dataset.tokens, self.block_size, cls_id, sep_id)
 
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        loader = super()._loader(dataset, shuffle)
+    def _loader(self, dataset: Any, shuffle: bool, collate_fn: Any = None) -> DataLoader:
         # Validation masks with another seed than training, so a window seen in both is masked differently.
         seed = self.seed if shuffle else self.seed + 1
         collate = MLMCollator(
             self.special_id("[MASK]"), self.tokenizer.vocab_size, seed, **self.collator_args
         )
-        return DataLoader(
-            loader.dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=loader.generator,
-            collate_fn=collate,
-        )
+        return super()._loader(dataset, shuffle, collate)

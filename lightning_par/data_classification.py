@@ -19,7 +19,7 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_par.data import _check_int, _resolve_cache_dir, build_tokenizer, load_documents
+from lightning_par.data import _check_int, _resolve_cache_dir, build_tokenizer, load_documents, seeded_loader
 from lightning_par.data_bert import SPECIAL_TOKENS
 
 __all__ = ["DEFAULT_LABELS", "TextClassificationDataModule", "default_labelled_lines", "read_labelled_file"]
@@ -248,14 +248,4 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        return seeded_loader(dataset, self.batch_size, shuffle, self.num_workers, self.seed)

@@ -10,11 +10,10 @@ masked batch. The network is :class:`lightning_par.models.bert.BERTNetwork`.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
-import lightning as L
 import torch
+from lightning_par.models.base import ParallelModule
 from lightning_par.models.bert import (
     IGNORE_INDEX,
     BERTConfig,
@@ -23,7 +22,7 @@ from lightning_par.models.bert import (
     check_sequence_length,
 )
 from lightning_par.models.blocks import block_tp_plan
-from lightning_par.models.gpt import fill_parameters, warmup_cosine
+from lightning_par.models.gpt import fill_parameters
 from lightning_par.models.metrics import TokenAccuracy, TokenMeanLoss, vocab_parallel_argmax
 from torch import Tensor
 from torch.distributed.tensor.parallel import ParallelStyle
@@ -32,10 +31,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from lightning_par.tensor_parallel import VocabParallel
 
 
-class _BERTModule(L.LightningModule):
+class _BERTModule(ParallelModule):
     """What the two BERT tasks share: the model protocol, batch checks, steps and optimisation."""
 
     config: BERTConfig
+    no_weight_decay = ("wpe", "tte")  # position and token-type embeddings
 
     def _setup(self, config: BERTConfig, init_seed: int | None) -> None:
         hp = self.hparams
@@ -143,11 +143,6 @@ class _BERTModule(L.LightningModule):
     def _model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: batch[k] for k in ("attention_mask", "token_type_ids") if batch.get(k) is not None}
 
-    def _pipeline(self) -> Any:
-        if self._trainer is None:
-            return None
-        return getattr(self._trainer.strategy, "pipeline", None)
-
     def _network_output(self, batch: dict[str, Tensor]) -> Tensor:
         """The network's output for the batch; under pipeline parallel, forward only, on every rank."""
         assert self.model is not None, "call configure_model() first"
@@ -168,13 +163,7 @@ class _BERTModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """The batch's mean loss over counted items, with their count (the strategy weights by it)."""
         self.check_batch(batch)
-        loss_sum, num_tokens = self._loss(batch)
-        loss = loss_sum / num_tokens.clamp(min=1)
-        stats = torch.stack([loss_sum.detach().float(), num_tokens.detach().float()])
-        if self._trainer is not None and self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
-        return {"loss": loss, "num_tokens": num_tokens.detach()}
+        return self._training_output(*self._loss(batch))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.check_batch(batch)
@@ -209,41 +198,12 @@ class _BERTModule(L.LightningModule):
         for name, value in self.compute_metrics().items():
             self.log(f"{prefix}/{name}", value, prog_bar=prog_bar and name == "loss")
 
-    def on_fit_start(self) -> None:
-        if self.logger is None:
-            return
-        describe = getattr(self.trainer.strategy, "describe_layout", None)
-        parallel = describe() if describe else {"world_size": self.trainer.world_size}
-        self.logger.log_hyperparams({"model_config": asdict(self.config), "parallel": parallel})
-
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul parameters (blocks, head) + attention (fwd + bwd)."""
         c = self.config
         block = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.mlp_hidden
         head = c.n_embd * c.n_embd + (c.vocab_size * c.n_embd if c.num_labels is None else 0)
         return 6.0 * (c.n_layer * block + head) + 12.0 * c.n_layer * seq_len * c.n_embd
-
-    # ---- optimisation ---------------------------------------------------------------------------------
-    def _param_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and "wpe" not in name and "tte" not in name else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), foreach=True
-        )
-        total = hp.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export_hf(self, out_dir: str) -> Any:
         """Write a Hugging Face directory (one process, unsharded weights): see ``hf_bert.export_bert``."""

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning_par.models.base import ParallelModule
 from lightning_par.models.blocks import MLP, Block, block_tp_plan, forward_interleaved
 from lightning_par.models.metrics import TokenMeanLoss
 from torch import Tensor, nn
@@ -314,7 +314,7 @@ def fill_parameters(module: nn.Module, source: Callable[..., Tensor], prefix: st
         target.copy_(value)
 
 
-class GPT(L.LightningModule):
+class GPT(ParallelModule):
     """GPT-2 causal LM. Batches: ``{"input_ids": [B, T], "labels": [B, T]}`` (labels aligned, -100 ignored)."""
 
     def __init__(
@@ -474,12 +474,6 @@ class GPT(L.LightningModule):
             return pipeline.forward((input_ids,))
         return self.model(input_ids)
 
-    def _pipeline(self) -> Any:
-        """The strategy's pipeline runner, when the model is split into pipeline stages."""
-        if self._trainer is None:
-            return None
-        return getattr(self._trainer.strategy, "pipeline", None)
-
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(loss_sum, num_tokens)`` of the batch.
 
@@ -497,16 +491,10 @@ class GPT(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """The batch's token-mean loss, with its token count (the strategy weights micro-batches by it)."""
-        loss_sum, num_tokens = self._loss(batch)
-        loss = loss_sum / num_tokens.clamp(min=1)
-        # Logged: the token-weighted mean over every replica's batch (not a mean of per-replica means).
-        stats = torch.stack([loss_sum.detach().float(), num_tokens.detach().float()])
-        if self._trainer is not None and self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        self.log("train/loss", stats[0] / stats[1].clamp(min=1), prog_bar=True)
+        out = self._training_output(*self._loss(batch))
         if self.config.num_experts:
             self._log_moe_statistics()
-        return {"loss": loss, "num_tokens": num_tokens.detach()}
+        return out
 
     def _log_moe_statistics(self) -> None:
         """Per MoE layer: tokens per expert, dropped fraction, aux and z losses, over the whole model replica
@@ -552,18 +540,6 @@ class GPT(L.LightningModule):
         self.log("test/ppl", torch.exp(loss))
         self.val_loss.reset()
 
-    def on_fit_start(self) -> None:
-        self._log_config()
-
-    def _log_config(self) -> None:
-        if self.logger is None:
-            return
-        strategy = self.trainer.strategy
-        info: dict[str, Any] = {"model_config": asdict(self.config)}
-        describe = getattr(strategy, "describe_layout", None)
-        info["parallel"] = describe() if describe else {"world_size": self.trainer.world_size}
-        self.logger.log_hyperparams(info)
-
     def flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per trained token (forward + backward): 6 x matmul parameters + attention.
 
@@ -581,29 +557,6 @@ class GPT(L.LightningModule):
             + c.vocab_size * c.n_embd
         )
         return 6.0 * matmul_params + 12.0 * c.n_layer * seq_len * c.n_embd
-
-    # ---- optimisation -----------------------------------------------------------------------------
-    def _param_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.ndim >= 2 and "wpe" not in name else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), foreach=True
-        )
-        total = hp.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- Hugging Face and generation ----------------------------------------------------------------
     @classmethod
@@ -659,15 +612,3 @@ def gather_vocab(logits: Tensor, info: Any) -> Tensor:
     parts = [torch.empty_like(logits) for _ in range(info.size)]
     torch.distributed.all_gather(parts, logits.contiguous(), group=info.group)
     return torch.cat(parts, dim=-1)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn

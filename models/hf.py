@@ -460,12 +460,9 @@ def _bias_size(name: str, cfg: GPTConfig) -> int:
 
 def save_gpt2_hf(our_full_state_dict: dict[str, Tensor], cfg: GPTConfig, out_dir: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
     from transformers import GPT2Config
 
     tensors = gpt2_state_dict_to_hf(our_full_state_dict, cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = tensors["transformer.wte.weight"].dtype
     special = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when the vocabulary has it
     hf_config = GPT2Config(
@@ -485,6 +482,15 @@ def save_gpt2_hf(our_full_state_dict: dict[str, Tensor], cfg: GPTConfig, out_dir
         architectures=["GPT2LMHeadModel"],
         dtype=str(dtype).removeprefix("torch."),
     )
+    return save_hf_directory(hf_config, tensors, out_dir)
+
+
+def save_hf_directory(hf_config: Any, tensors: dict[str, Tensor], out_dir: str | os.PathLike) -> Path:
+    """``config.json`` and ``model.safetensors`` in ``out_dir``: what ``from_pretrained`` reads."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_par.models.hf import CheckpointKeyError, _read_config, _safetensors_key_map
+from lightning_par.models.hf import CheckpointKeyError, _read_config, _safetensors_key_map, save_hf_directory
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -235,12 +235,9 @@ def bert_state_dict_to_hf(our_state: dict[str, Tensor], cfg: BERTConfig) -> dict
 
 def save_bert_hf(our_full_state_dict: dict[str, Tensor], cfg: BERTConfig, out_dir: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``BertForMaskedLM`` or ``BertForSequenceClassification``."""
-    from safetensors.torch import save_file
     from transformers import BertConfig
 
     tensors = bert_state_dict_to_hf(our_full_state_dict, cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {}
     if cfg.num_labels is None:
         extra["architectures"] = ["BertForMaskedLM"]
@@ -265,9 +262,7 @@ def save_bert_hf(our_full_state_dict: dict[str, Tensor], cfg: BERTConfig, out_di
         dtype=str(tensors["bert.embeddings.word_embeddings.weight"].dtype).removeprefix("torch."),
         **extra,
     )
-    hf_config.save_pretrained(out)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return save_hf_directory(hf_config, tensors, out_dir)
 
 
 def export_bert(model: Any, out_dir: str | os.PathLike) -> Path:

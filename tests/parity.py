@@ -151,7 +151,7 @@ def reference_run(
     model = GPT(**{**TINY, **(model_kw or {})}, **OPTIM)
     model.configure_model()
     opt = torch.optim.AdamW(model._param_groups(), lr=OPTIM["learning_rate"], betas=(0.9, 0.95))
-    from lightning_par.models.gpt import warmup_cosine
+    from lightning_par.models.base import warmup_cosine
 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(OPTIM["warmup_steps"], OPTIM["lr_decay_steps"], 0.1)

@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 from lightning_par.models import BERT, BERTClassifier
-from lightning_par.models.gpt import warmup_cosine
+from lightning_par.models.base import warmup_cosine
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
