@@ -82,7 +82,7 @@ def _torch_by_hand(
     from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
     from torch.distributed.pipelining import PipelineStage
 
-    from lightning_par.pipeline import SCHEDULES, plan_stages, prune_network, stage_view
+    from lightning_par.pipeline import SCHEDULES, plan_stages, plan_views, prune_network
 
     torch.set_num_threads(1)
     cfg = GPTConfig(**shape)
@@ -92,7 +92,7 @@ def _torch_by_hand(
     prune_network(net, plan)
     net.to_empty(device="cpu")
     fill_parameters(net, net.random_init_source(0))
-    views = [stage_view(net, plan.layers[s], s == 0, s == plan.num_stages - 1) for s in plan.stages]
+    views = list(plan_views(net, plan).values())
     stages = [
         PipelineStage(v, s, plan.num_stages, torch.device("cpu"))
         for v, s in zip(views, plan.stages, strict=True)

@@ -7,7 +7,10 @@ Where this sits in the flow (``pipeline_parallel_size > 1``):
    (balanced by parameter count, the first stage also holding the embedding, the last the final norm,
    head and loss), :func:`stage_placement` says which stages this pp rank runs (looped for plain and
    interleaved schedules, V-shaped for ZBV), and :func:`prune_network` deletes what this rank does not
-   own. Parameter names stay global (``layers.7...`` on whichever rank owns layer 7).
+   own. Parameter names stay global (``layers.7...`` on whichever rank owns layer 7). Blocks that name
+   their halves (``PARTS``: attention and MLP) may be cut between them, so a stage can end after the
+   attention of a layer and the next begin with its MLP: with whole layers only, the head on the last
+   stage leaves the stages unequal (8 layers and a 4096-word head at pp=2: 4 layers against 4.6).
 3. Tensor parallel is applied to what is left, exactly as without pipeline.
 4. Each step, :class:`PipelineRunner` runs the batch through ``torch.distributed.pipelining``: one
    ``PipelineStage`` per local stage (a view sharing the network's modules) and the named schedule.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,12 +128,12 @@ def split_layers(
     last_cost: float = 0.0,
     boundaries: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Contiguous layer indices per stage.
+    """Contiguous indices per stage of the pieces (layers, or halves of layers) whose costs are given.
 
     With ``boundaries`` (the first layer of every stage but the first, increasing) the split is taken as
     given. Otherwise the split minimises the most expensive stage, where a stage costs the sum of its
-    layers plus ``first_cost`` (stage 0: embeddings) or ``last_cost`` (last stage: norm, head, loss).
-    Every stage gets at least one layer.
+    pieces plus ``first_cost`` (stage 0: embeddings) or ``last_cost`` (last stage: norm, head, loss).
+    Every stage gets at least one piece.
     """
     n = len(layer_costs)
     if num_stages > n:
@@ -185,14 +188,27 @@ def network_costs(network: nn.Module) -> tuple[list[float], float, float]:
     Compute per token is about proportional to the matrix parameters a token passes through. Embedding
     lookups cost next to nothing; the head is a matmul over the vocabulary (and the loss reads its output).
     """
-
-    def numel(module: nn.Module | None) -> float:
-        return float(sum(p.numel() for p in module.parameters())) if module is not None else 0.0
-
-    layers = [numel(layer) for layer in network.layers.values()]
+    layers = [_numel(layer) for layer in network.layers.values()]
     # The head's parameters: GPT's is one matrix (tied or not), BERT's adds a transform or a pooler.
-    last = numel(getattr(network, "norm", None)) + numel(getattr(network, "head", None))
+    last = _numel(getattr(network, "norm", None)) + _numel(getattr(network, "head", None))
     return layers, 0.0, last
+
+
+def _numel(module: nn.Module | None) -> float:
+    return float(sum(p.numel() for p in module.parameters())) if module is not None else 0.0
+
+
+def block_parts(network: nn.Module) -> dict[str, tuple[str, ...]] | None:
+    """The halves a pipeline stage may hold of one of the network's blocks, or ``None`` (whole blocks).
+
+    A block class opts in with ``PARTS = {"attn": ("ln_1", "attn"), "mlp": ("ln_2", "mlp")}`` (its
+    halves in forward order, each naming its submodules) and a ``forward`` that skips a half set to None.
+    """
+    blocks = list(network.layers.values())
+    parts = getattr(type(blocks[0]), "PARTS", None) if blocks else None
+    if parts is None or any(getattr(type(b), "PARTS", None) != parts for b in blocks):
+        return None
+    return dict(parts)
 
 
 @dataclass(frozen=True)
@@ -202,7 +218,11 @@ class StagePlan:
     num_stages: int
     stages: tuple[int, ...]
     layers: dict[int, list[int]]
-    """global stage index -> layer indices."""
+    """global stage index -> layer indices (whole, or the halves given in ``parts``)."""
+    parts: dict[int, dict[int, tuple[str, ...]]] = field(default_factory=dict)
+    """global stage index -> {layer index: the halves of it the stage runs}, for layers cut between stages."""
+    part_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """half name -> the block's submodules in it (the block's ``PARTS``)."""
 
     @property
     def has_first(self) -> bool:
@@ -213,7 +233,18 @@ class StagePlan:
         return self.num_stages - 1 in self.stages
 
     def owned_layers(self) -> list[int]:
-        return sorted(i for s in self.stages for i in self.layers[s])
+        return sorted({i for s in self.stages for i in self.layers[s]})
+
+    def owned_parts(self) -> dict[int, set[str] | None]:
+        """Layer index -> the halves of it this rank holds (``None``: the whole layer)."""
+        owned: dict[int, set[str]] = {}
+        for s in self.stages:
+            for i in self.layers[s]:
+                halves = self.parts.get(s, {}).get(i, tuple(self.part_modules) or ("all",))
+                owned.setdefault(i, set()).update(halves)
+        return {
+            i: h if self.part_modules and not set(self.part_modules) <= h else None for i, h in owned.items()
+        }
 
     def keeps(self, name: str) -> bool:
         """Whether this rank keeps parameter ``name`` (relative to the network): what
@@ -224,7 +255,12 @@ class StagePlan:
         if parts[0] in ("norm", "head"):
             return self.has_last
         if parts[0] == "layers" and len(parts) > 1:
-            return int(parts[1]) in self.owned_layers()
+            owned = self.owned_parts()
+            layer = int(parts[1])
+            if layer not in owned:
+                return False
+            halves = owned[layer]
+            return halves is None or any(parts[2] in self.part_modules[h] for h in halves)
         return True
 
 
@@ -253,11 +289,28 @@ def plan_stages(
             f"divide the model's {n_layer} layers; valid virtual_pipeline_size here: {valid}."
         )
     costs, first, last = network_costs(network)
-    per_stage = split_layers(costs, num_stages, first, last, boundaries)
-    keys = list(network.layers.keys())
-    placement = stage_placement(schedule, p, virtual_pipeline_size)
-    layers = {s: [int(keys[i]) for i in idx] for s, idx in enumerate(per_stage)}
-    return StagePlan(num_stages=num_stages, stages=tuple(placement[pp_rank]), layers=layers)
+    keys = [int(k) for k in network.layers.keys()]
+    placement = tuple(stage_placement(schedule, p, virtual_pipeline_size)[pp_rank])
+    halves = block_parts(network) if boundaries is None else None
+    if halves is None:
+        per_stage = split_layers(costs, num_stages, first, last, boundaries)
+        layers = {s: [keys[i] for i in idx] for s, idx in enumerate(per_stage)}
+        return StagePlan(num_stages=num_stages, stages=placement, layers=layers)
+    # The pieces are every layer's halves in forward order, each costing its own parameters.
+    blocks = list(network.layers.values())
+    pieces = [(n, half) for n in range(len(keys)) for half in halves]
+    piece_costs = [sum(_numel(getattr(blocks[n], m, None)) for m in halves[half]) for n, half in pieces]
+    layers, parts = {}, {}
+    for s, idx in enumerate(split_layers(piece_costs, num_stages, first, last)):
+        held: dict[int, list[str]] = {}
+        for j in idx:
+            n, half = pieces[j]
+            held.setdefault(keys[n], []).append(half)
+        layers[s] = list(held)
+        cut = {i: tuple(h) for i, h in held.items() if len(h) < len(halves)}
+        if cut:
+            parts[s] = cut
+    return StagePlan(num_stages, placement, layers, parts, halves)
 
 
 def _check_protocol(network: nn.Module) -> None:
@@ -271,10 +324,12 @@ def _check_protocol(network: nn.Module) -> None:
 
 def prune_network(network: nn.Module, plan: StagePlan) -> None:
     """Delete every part this rank does not own; shared parameters stay shared among what remains."""
-    owned = {str(i) for i in plan.owned_layers()}
+    owned = plan.owned_parts()
     for key in list(network.layers.keys()):
-        if key not in owned:
+        if int(key) not in owned:
             del network.layers[key]
+        elif (halves := owned[int(key)]) is not None:
+            _drop_halves(network.layers[key], halves, plan.part_modules)
     if not plan.has_first and getattr(network, "embed", None) is not None:
         network.embed = None
     if not plan.has_last:
@@ -283,21 +338,53 @@ def prune_network(network: nn.Module, plan: StagePlan) -> None:
                 setattr(network, name, None)
 
 
-def stage_view(network: nn.Module, layers: Sequence[int], first: bool, last: bool) -> nn.Module:
+def _drop_halves(block: nn.Module, keep: Collection[str], part_modules: Mapping[str, Sequence[str]]) -> None:
+    for half, names in part_modules.items():
+        if half not in keep:
+            for name in names:
+                setattr(block, name, None)
+
+
+def stage_view(
+    network: nn.Module,
+    layers: Sequence[int],
+    first: bool,
+    last: bool,
+    parts: Mapping[int, Sequence[str]] | None = None,
+    part_modules: Mapping[str, Sequence[str]] | None = None,
+) -> nn.Module:
     """A shallow copy of ``network`` that runs only ``layers`` (plus embed / norm and head at the ends).
 
     The view shares every submodule and parameter with ``network``; its ``forward`` is the network's own,
-    which skips the parts that are absent (the model protocol).
+    which skips the parts that are absent (the model protocol). A layer listed in ``parts`` becomes a
+    view of its block with only those halves (``part_modules`` names their submodules).
     """
     view = copy.copy(network)
     view._modules = dict(network._modules)
-    view.layers = nn.ModuleDict({str(i): network.layers[str(i)] for i in layers})
+    blocks = {}
+    for i in layers:
+        block = network.layers[str(i)]
+        if parts and i in parts:
+            block = copy.copy(block)
+            block._modules = dict(block._modules)
+            _drop_halves(block, parts[i], part_modules or {})
+        blocks[str(i)] = block
+    view.layers = nn.ModuleDict(blocks)
     if not first:
         view.embed = None
     if not last:
         view.norm = None
         view.head = None
     return view
+
+
+def plan_views(network: nn.Module, plan: StagePlan) -> dict[int, nn.Module]:
+    """A :func:`stage_view` of the (pruned) network for each of this rank's stages."""
+    last = plan.num_stages - 1
+    return {
+        s: stage_view(network, plan.layers[s], s == 0, s == last, plan.parts.get(s), plan.part_modules)
+        for s in plan.stages
+    }
 
 
 # ---- running a schedule ------------------------------------------------------------------------------
@@ -359,9 +446,7 @@ class PipelineRunner:
         self.output_batch_dim = output_batch_dim
         self.max_cached_shapes = max_cached_shapes
         self.dp_group = dp_group
-        self.views = {
-            s: stage_view(network, plan.layers[s], s == 0, s == plan.num_stages - 1) for s in plan.stages
-        }
+        self.views = plan_views(network, plan)
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         # Modules with auxiliary losses (``aux_grad_scale``, ``pop_aux``, ``record``: MoE layers).
         self._aux_modules = [m for m in network.modules() if hasattr(m, "aux_grad_scale")]

@@ -261,7 +261,7 @@ class BERTNetwork(nn.Module):
         if self.head is not None:
             return self.head.decoder.tp
         layer = next(iter(self.layers.values()), None)
-        info = layer.attn.qkv.tp if layer is not None else None
+        info = layer.tp_info() if layer is not None else None
         if info is None:
             return None
         rows = self.padded_vocab // info.size

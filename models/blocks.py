@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_par.tensor_parallel import LayerNorm, ParallelLinear
+from lightning_par.tensor_parallel import LayerNorm, ParallelLinear, TPInfo
 
 
 class SelfAttention(nn.Module):
@@ -83,7 +83,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A transformer block; ``pre_norm=True`` is GPT-2's layout, ``False`` the original (BERT) one."""
+    """A transformer block; ``pre_norm=True`` is GPT-2's layout, ``False`` the original (BERT) one.
+
+    A pipeline stage may hold one half of a block (:data:`PARTS`): the other half's modules are then None
+    and ``forward`` skips them.
+    """
+
+    PARTS = {"attn": ("ln_1", "attn"), "mlp": ("ln_2", "mlp")}
+    """The block's halves in forward order, each with its submodules (where pipeline stages may cut)."""
 
     def __init__(
         self,
@@ -107,11 +114,23 @@ class Block(nn.Module):
         self.mlp = mlp if mlp is not None else MLP(n_embd, mlp_hidden or 4 * n_embd, bias, dropout, gelu)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), attn_mask)
-            return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, attn_mask))
-        return self.ln_2(x + self.mlp(x))
+        if self.attn is not None:
+            x = (
+                x + self.attn(self.ln_1(x), attn_mask)
+                if self.pre_norm
+                else self.ln_1(x + self.attn(x, attn_mask))
+            )
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_2(x)) if self.pre_norm else self.ln_2(x + self.mlp(x))
+        return x
+
+    def tp_info(self) -> TPInfo | None:
+        """How tensor parallel splits this block (``None``: not split), read off whichever half it holds."""
+        for half in (self.attn, self.mlp):
+            proj = getattr(half, "proj", None)
+            if proj is not None:
+                return proj.tp
+        return None
 
 
 def forward_interleaved(blocks: list[Block], chunks: list[Tensor]) -> list[Tensor]:
@@ -126,7 +145,7 @@ def forward_interleaved(blocks: list[Block], chunks: list[Tensor]) -> list[Tenso
         raise ValueError("forward_interleaved supports pre-norm blocks only.")
     xs = list(chunks)
     in_flight: list[tuple[Tensor, list, nn.Module] | None] = [None] * len(xs)
-    halves = [(half, norm) for b in blocks for half, norm in ((b.attn, b.ln_1), (b.mlp, b.ln_2))]
+    halves = [(h, norm) for b in blocks for h, norm in ((b.attn, b.ln_1), (b.mlp, b.ln_2)) if h is not None]
     for half, norm in [*halves, (None, None)]:
         for i in range(len(xs)):
             if in_flight[i] is not None:

@@ -204,11 +204,11 @@ class GPTNetwork(nn.Module):
 
     def overlap_chunks(self, batch_size: int) -> int:
         """Batch chunks for communication overlap: the plan's ``comm_chunks`` under plain tensor parallel."""
-        if not self.layers:
-            return 1
-        info = next(iter(self.layers.values())).attn.proj.tp
-        if info is None or info.sequence_parallel or self.cfg.num_experts:
+        if not self.layers or self.cfg.num_experts:
             return 1  # (MoE layers have no deferred all-reduce to overlap)
+        info = next(iter(self.layers.values())).tp_info()
+        if info is None or info.sequence_parallel:
+            return 1
         return max(1, min(info.comm_chunks, batch_size))
 
     def loss_fn(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

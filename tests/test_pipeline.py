@@ -5,6 +5,7 @@ Each spawned process group runs many checks (process start is the slow part on 2
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,12 +16,21 @@ import lightning as L
 import pytest
 import torch
 from lightning_par.models import GPT
-from lightning_par.models.gpt import GPTConfig, GPTNetwork
+from lightning_par.models.blocks import Block
+from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
 from torch.utils.data import DataLoader
 
 import lightning_par
 from lightning_par.layout import ParallelLayout
-from lightning_par.pipeline import SCHEDULES, plan_stages, split_layers, stage_placement
+from lightning_par.pipeline import (
+    SCHEDULES,
+    StagePlan,
+    plan_stages,
+    plan_views,
+    prune_network,
+    split_layers,
+    stage_placement,
+)
 from lightning_par.timeline import bubble_theory
 from tests.harness import run_distributed
 from tests.parity import (
@@ -69,14 +79,53 @@ def test_stage_placement_looped_and_v_shaped():
 def test_gpt_stage_plan_counts_the_head_and_keeps_global_names():
     with torch.device("meta"):
         net = GPTNetwork(GPTConfig(vocab_size=4096, n_layer=8, n_embd=256, n_head=4), 4096)
-    # The head (4096 x 256) costs 1.33 layers (12 x 256^2 each): 5 + 0 against 3 + 1.33 beats 4 against 4 + 1.33.
+    # The head (4096 x 256) costs 1.33 layers (12 x 256^2 each). In whole layers 5 + 0 against 3 + 1.33 is
+    # the best split; cut between attention (4 x 256^2) and MLP (8 x 256^2) the stages are 4 layers and
+    # the attention of layer 4 (4.33) against the MLP of layer 4, 3 layers and the head (4.33 + 0.33).
     plan = plan_stages(net, "1f1b", 2, 1, None)
-    assert plan.layers == {0: [0, 1, 2, 3, 4], 1: [5, 6, 7]} and plan.stages == (1,)
+    assert plan.layers == {0: [0, 1, 2, 3, 4], 1: [4, 5, 6, 7]} and plan.stages == (1,)
+    assert plan.parts == {0: {4: ("attn",)}, 1: {4: ("mlp",)}}
+    assert plan.owned_parts() == {4: {"mlp"}, 5: None, 6: None, 7: None}
+    assert plan.keeps("layers.4.mlp.fc.weight") and plan.keeps("layers.4.ln_2.bias")
+    assert not plan.keeps("layers.4.attn.qkv.weight") and not plan.keeps("layers.4.ln_1.weight")
     assert plan.has_last and not plan.has_first
+    # Explicit boundaries are whole layers.
+    plan = plan_stages(net, "1f1b", 2, 1, None, boundaries=[5])
+    assert plan.layers == {0: [0, 1, 2, 3, 4], 1: [5, 6, 7]} and not plan.parts
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=9 is more than the model's 8 layers"):
         plan_stages(net, "1f1b", 9, 0, None)
     with pytest.raises(ValueError, match=r"virtual_pipeline_size=3 .* do not divide the model's 8 layers"):
         plan_stages(net, "interleaved_1f1b", 2, 0, 3)
+
+
+def test_stages_cut_inside_a_layer_compose_to_the_whole_network():
+    """Every rank's pruned network and stage views, run stage after stage, give the unsplit network's
+    logits; a layer's halves may sit on two ranks or on two stages of one rank (a V-shaped placement)."""
+    cfg = GPTConfig(**{**TINY, "n_layer": 4, "dropout": 0.0})
+    net = GPTNetwork(cfg, cfg.padded_vocab_size(1))
+    fill_parameters(net, net.random_init_source(0))
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    expected = net(ids)
+    same_rank = [  # stages 1 and 2 on rank 1 share layer 2, cut between attention and MLP
+        StagePlan(4, stages, {0: [0, 1], 1: [2], 2: [2, 3], 3: [3]}, cuts, Block.PARTS)
+        for stages in ((0, 3), (1, 2))
+        for cuts in ({1: {2: ("attn",)}, 2: {2: ("mlp",), 3: ("attn",)}, 3: {3: ("mlp",)}},)
+    ]
+    for plans in ([plan_stages(net, "1f1b", 2, r, None) for r in range(2)], same_rank):
+        assert any(plan.parts for plan in plans)
+        views = {}
+        names = set()
+        for plan in plans:
+            rank_net = copy.deepcopy(net)
+            prune_network(rank_net, plan)
+            names |= {n for n, _ in rank_net.named_parameters(remove_duplicate=False)}
+            assert all(plan.keeps(n) for n, _ in rank_net.named_parameters(remove_duplicate=False))
+            views.update(plan_views(rank_net, plan))
+        assert names == {n for n, _ in net.named_parameters(remove_duplicate=False)}
+        x = ids
+        for s in range(plans[0].num_stages):
+            x = views[s](x)
+        torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
 def test_bad_pipeline_settings_raise_at_construction():
