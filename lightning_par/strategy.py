@@ -65,7 +65,7 @@ from lightning_par.pipeline import (
     stages_per_rank,
 )
 from lightning_par.tensor_parallel import Replicated
-from lightning_par.watchdog import FailureWatchdog
+from lightning_par.watchdog import DeferredSigtermCheck, FailureWatchdog
 
 
 class HybridParallelStrategy(ModelParallelStrategy):
@@ -171,6 +171,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._step_tokens: list[Tensor] = []
         self._grads_are_sums = False
         self._watchdog: FailureWatchdog | None = None
+        self._sigterm_check: DeferredSigtermCheck | None = None
         # Expert parallel: the ep group (dispatch) and the group of replicas holding the same experts.
         self._ep_group: dist.ProcessGroup | None = None
         self._edp_group: dist.ProcessGroup | None = None
@@ -395,14 +396,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
             )
             if len(holders) < 2:
                 continue
-            group = None
-            mesh = self.device_mesh.mesh  # [pp, dp, tp] global ranks
-            for d in range(layout.dp):
-                for t in range(layout.tp):
-                    ranks = [int(mesh[r, d, t]) for r in holders]
-                    g = dist.new_group(ranks)  # every rank takes part in creating every group
-                    if dist.get_rank() in ranks:
-                        group = g
+            group = self._stage_group(holders)
             if group is not None:
                 self._tied.append((names, group))
         self.pipeline = PipelineRunner(
@@ -413,7 +407,25 @@ class HybridParallelStrategy(ModelParallelStrategy):
             self.pp_group,
             self.root_device,
             dp_group=self.dp_group if layout.dp > 1 else None,
+            loss_group=self._stage_group(list(range(layout.pp))),
         )
+
+    def _stage_group(self, pp_ranks: list[int]) -> dist.ProcessGroup | None:
+        """A new process group over ``pp_ranks`` of this rank's model replica (``None`` if it is not in them).
+
+        Every rank takes part in creating the group of every (dp, tp) position, as ``new_group`` requires.
+        """
+        layout = self.layout
+        assert layout is not None
+        mesh = self.device_mesh.mesh  # [pp, dp, tp] global ranks
+        mine = None
+        for d in range(layout.dp):
+            for t in range(layout.tp):
+                ranks = [int(mesh[r, d, t]) for r in pp_ranks]
+                group = dist.new_group(ranks)
+                if dist.get_rank() in ranks:
+                    mine = group
+        return mine
 
     def _tied_copies(self, module: nn.Module) -> set[int]:
         """Ids of this rank's copies of tied parameters whose first name lives on another rank.
@@ -644,6 +656,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
             self._watchdog = FailureWatchdog.for_process_group(self.global_rank)
             if self._watchdog is not None:
                 self._watchdog.start()
+        if self.layout is not None and self.layout.pp > 1 and self.world_size > 1:
+            # No barrier at the start of each step: pipeline ranks overlap one step's end with the next.
+            if self._sigterm_check is None:
+                self._sigterm_check = DeferredSigtermCheck()
+            self._sigterm_check.install(self.lightning_module.trainer)
 
     def on_train_end(self) -> None:
         self._stop_watchdog()
@@ -659,6 +676,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         super().teardown()
 
     def _stop_watchdog(self) -> None:
+        if self._sigterm_check is not None:
+            self._sigterm_check.uninstall()
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_par.models import GPT
 from lightning_par.models.blocks import Block
 from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
@@ -292,6 +293,7 @@ def _pp2_checks(rank: int, world: int, schedules: list[str], tmp: str) -> dict:
         except ValueError as err:
             errors[name] = str(err)
     out["errors"] = errors
+
     return out
 
 
@@ -508,3 +510,36 @@ def test_failure_watchdog_ends_a_busy_peer():
         in proc.stderr
     )
     assert elapsed < 60, f"ranks took {elapsed:.0f} s to end (the busy rank sleeps 120 s)"
+
+
+def _sigterm_calls(rank: int, world: int) -> dict:
+    from types import SimpleNamespace
+
+    from lightning_par.watchdog import DeferredSigtermCheck
+
+    class Loop:
+        def _broadcast_sigterm_tensor(self) -> None:
+            raise AssertionError("replaced")
+
+    trainer = SimpleNamespace(received_sigterm=False, fit_loop=SimpleNamespace(epoch_loop=Loop()))
+    check = DeferredSigtermCheck()
+    assert check.install(trainer)
+    for step in range(6):
+        try:
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()  # what the loop calls before each step
+        except SIGTERMException:
+            check.uninstall()
+            restored = "_broadcast_sigterm_tensor" not in vars(trainer.fit_loop.epoch_loop)
+            return {"stopped_at": step, "restored": restored}
+        if step == 2 and rank == 0:
+            trainer.received_sigterm = True  # (rank 1's flag does not count: rank 0's is broadcast)
+        if step == 1 and rank == 1:
+            time.sleep(0.5)  # no barrier: rank 0 runs ahead into step 2 meanwhile
+    return {"stopped_at": None}
+
+
+def test_sigterm_check_without_a_barrier_stops_every_rank_at_the_same_step():
+    """Lightning's per-step SIGTERM broadcast, replaced under pp: rank 0's flag, set during step 2, is
+    read at the start of step 4 (one step later than Lightning's own check) on every rank."""
+    results = run_distributed(_sigterm_calls, 2, timeout=120)
+    assert results[0] == results[1] == {"stopped_at": 4, "restored": True}
