@@ -415,18 +415,18 @@ class PipelineRunner:
         schedule: a name from :data:`SCHEDULES`.
         num_microbatches: microbatches per batch.
         group: the pipeline process group (ranks that hold the other stages of this model replica).
+        loss_group: a second group over the same ranks. The last stage broadcasts the batch's loss on it
+            as soon as its last microbatch's loss is known, in the background, rather than in a collective
+            after the schedule: ranks that finish early go on (to the optimizer step, to the next step's
+            first forwards) without waiting for another's last backward. Under ZBV, whose last stage
+            shares rank 0 with the first, that wait was 0.15 s of a 2.4 s step. Layers with auxiliary
+            losses (MoE) still sum theirs over ``group`` after the schedule.
         device: the device the stages compute on.
         output_batch_dim: the batch dimension of the last stage's output; ``None``: the network's
             ``output_batch_dim`` attribute, else 1 (sequence-first activations).
         max_cached_shapes: schedules kept per mode; a batch of a new shape builds new stages.
         dp_group: the data-parallel group; training losses are divided by the tokens of the global batch
             (summed over it), so replicas' gradients are then summed, not averaged.
-        loss_group: a second group over the same ranks as ``group``. With it the last stage broadcasts the
-            batch's loss as soon as its last microbatch's loss is known, in the background, instead of an
-            all-reduce after the schedule: ranks that finish early go on (to the optimizer step) without
-            waiting for the others' last backward. Under ZBV, whose last stage shares rank 0 with the
-            first, that wait was 0.15 s of a 2.4 s step. Layers with auxiliary losses (MoE) still add
-            theirs over ``group`` after the schedule.
     """
 
     def __init__(
@@ -436,11 +436,11 @@ class PipelineRunner:
         schedule: str,
         num_microbatches: int,
         group: dist.ProcessGroup,
+        loss_group: dist.ProcessGroup,
         device: torch.device,
         output_batch_dim: int | None = None,
         max_cached_shapes: int = 4,
         dp_group: dist.ProcessGroup | None = None,
-        loss_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.network = network
         self.plan = plan
@@ -521,34 +521,27 @@ class PipelineRunner:
             m.aux_grad_scale = self._loss_scale if train else None
         self._token_losses = []
         self._loss_broadcast = None
-        if (
-            self.loss_group is not None and not self.plan.has_last
-        ):  # (the last stage posts its side in _loss_fn)
+        if not self.plan.has_last:  # (the last stage posts its side in _loss_fn)
             self._post_loss(torch.zeros((), device=self.device))
         try:
             self._run(entry, call, args, options, kwargs)
         finally:
             for m in self._aux_modules:
                 m.aux_grad_scale = None
-        if self.plan.has_last and self._loss_broadcast is None:
+        if self._loss_broadcast is None:  # (not posted in _loss_fn: fewer losses than microbatches)
             self._post_loss(self._token_loss_sum())
-        aux = [a for m in self._aux_modules if (a := m.pop_aux()) is not None]
-        aux_sum = (
-            torch.stack(aux).sum().float().to(self.device) if aux else torch.zeros((), device=self.device)
-        )
-        if self._loss_broadcast is not None:
-            loss_sum, work = self._loss_broadcast
-            work.wait()
-            if self._any_aux:
-                dist.all_reduce(aux_sum, group=self.group)
-            total = loss_sum + aux_sum
-        else:
-            # The token loss lives on the last stage, aux losses on every stage: one sum over pp gives both.
-            token = self._token_loss_sum() if self.plan.has_last else torch.zeros((), device=self.device)
-            total = torch.stack([token, aux_sum])
-            dist.all_reduce(total, group=self.group)
-            total = total.sum()
-        return total, num_tokens.to(self.device, torch.float32)
+        assert self._loss_broadcast is not None
+        loss_sum, work = self._loss_broadcast
+        work.wait()
+        # The token loss lives on the last stage, aux losses on every stage that has aux-loss layers.
+        if self._any_aux:
+            aux = [a for m in self._aux_modules if (a := m.pop_aux()) is not None]
+            aux_sum = (
+                torch.stack(aux).sum().float().to(self.device) if aux else torch.zeros((), device=self.device)
+            )
+            dist.all_reduce(aux_sum, group=self.group)
+            loss_sum = loss_sum + aux_sum
+        return loss_sum, num_tokens.to(self.device, torch.float32)
 
     @torch.no_grad()
     def forward(self, args: Sequence[Tensor], kwargs: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -655,7 +648,7 @@ class PipelineRunner:
         if self._real_forward_done:
             self._real_forward_done = False
             self._token_losses.append(loss_sum.detach())
-            if self.loss_group is not None and len(self._token_losses) == self.num_microbatches:
+            if len(self._token_losses) == self.num_microbatches:
                 self._post_loss(self._token_loss_sum())  # the batch's loss is known: send it now
         assert self._loss_scale is not None
         return loss_sum * self._loss_scale.to(loss_sum.device)

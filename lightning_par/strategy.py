@@ -405,9 +405,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             self.pipeline_schedule,
             self.num_microbatches,
             self.pp_group,
+            self._stage_group(list(range(layout.pp))),
             self.root_device,
             dp_group=self.dp_group if layout.dp > 1 else None,
-            loss_group=self._stage_group(list(range(layout.pp))),
         )
 
     def _stage_group(self, pp_ranks: list[int]) -> dist.ProcessGroup | None:
