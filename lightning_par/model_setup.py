@@ -32,11 +32,20 @@ def materialize_meta(module: nn.Module, device: torch.device) -> None:
 
 
 def present(module: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
-    """The entries of a tensor-parallel plan that name a module this rank holds (pipeline stages differ)."""
-    from fnmatch import fnmatch
+    """A tensor-parallel plan for the modules this rank holds, with its patterns spelled out.
+
+    Pipeline stages differ in what they hold, down to half a block (a stage may hold a layer's attention
+    and not its MLP); ``parallelize_module`` warns for every pattern a module lacks, so each pattern
+    becomes the names of the modules it matches here.
+    """
+    from fnmatch import fnmatchcase
+
+    def matches(name: str, key: str) -> bool:  # token by token, as parallelize_module reads patterns
+        tokens, patterns = name.split("."), key.split(".")
+        return len(tokens) == len(patterns) and all(map(fnmatchcase, tokens, patterns))
 
     names = [n for n, _ in module.named_modules()]
-    return {key: style for key, style in plan.items() if any(fnmatch(n, key) for n in names)}
+    return {name: style for key, style in plan.items() for name in names if matches(name, key)}
 
 
 def tied_names(module: nn.Module) -> list[list[str]]:
