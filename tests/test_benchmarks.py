@@ -10,46 +10,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_tp_speed_smoke():
+def _smoke(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script> --smoke`` (tiny shapes, 2 steps); return its stdout."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "tp_speed.py"),
-            "--smoke",
-            "--variants",
-            "tp1,tp2,lightning_mp",
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "tp2 time split:" in proc.stdout
-    assert "tp2 / lightning_mp:" in proc.stdout
+    return proc.stdout
+
+
+def test_tp_speed_smoke():
+    out = _smoke("tp_speed.py", "--variants", "tp1,tp2,lightning_mp")
+    assert "tp2 time split:" in out
+    assert "tp2 / lightning_mp:" in out
 
 
 def test_pp_speed_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pp_speed.py"), "--smoke", "--schedules", "1f1b,zbv"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pp=2 1f1b" in proc.stdout and "pp=2 zbv" in proc.stdout
+    out = _smoke("pp_speed.py", "--schedules", "1f1b,zbv")
+    assert "pp=2 1f1b" in out and "pp=2 zbv" in out
 
 
 def test_ep_speed_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "ep_speed.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lightning  ep2 / ep1 tokens/s:" in proc.stdout
+    out = _smoke("ep_speed.py")
+    assert "lightning  ep2 / ep1 tokens/s:" in out
     # Dropless routing sends every assignment there and back, forward and backward: the count is exact.
-    assert "ratio 1.0000" in proc.stdout
+    assert "ratio 1.0000" in out

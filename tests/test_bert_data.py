@@ -112,24 +112,10 @@ def test_data_modules(tmp_path) -> None:
     ],
 )
 def test_cli_fit_runs_bert_config(tmp_path, config: str, extra: list[str]) -> None:
-    from tests.test_cli import ROOT, _run
+    from tests.test_cli import _run, fit_shipped_config
 
-    small = [
-        "--trainer.max_steps",
-        "4",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.val_check_interval",
-        "2",
-    ]
-    small += ["--trainer.limit_val_batches", "2", "--model.n_layer", "2", "--model.n_embd", "64"]
-    proc = _run(["fit", "--config", str(ROOT / "configs" / config), *small, *extra], tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "`Trainer.fit` stopped: `max_steps=4` reached." in out
-    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
-    log = next(runs[0].glob("run-*.wandb")).read_bytes()  # keys are plain strings in wandb's offline log
+    small = ["--model.n_layer", "2", "--model.n_embd", "64"]
+    _, log = fit_shipped_config(config, [*small, *extra], tmp_path)
     keys = [b"train/loss", b"val/loss", b"val/accuracy", b"train/consumed_samples", b"model_config"]
     keys += [b"train/lengths"]  # ParallelThroughputMonitor
     keys += [b"val/ppl"] if "mlm" in config else [b"val/f1", b"num_labels"]

@@ -23,41 +23,39 @@ def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Completed
     return subprocess.run(CLI + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+SHORT_FIT = [
+    "--trainer.max_steps",
+    "4",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+]
+"""Four steps with validation every second one: enough for every logged key and a checkpoint."""
+
+
+def fit_shipped_config(config: str, extra: list[str], cwd: Path) -> tuple[str, bytes]:
+    """Run ``configs/<config>`` for :data:`SHORT_FIT`; return its output and rank 0's W&B offline log."""
+    proc = _run(["fit", "--config", str(ROOT / "configs" / config), *SHORT_FIT, *extra], cwd)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "`Trainer.fit` stopped: `max_steps=4` reached." in out
+    runs = list((cwd / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
+    # wandb 0.31 has no Python reader for its offline log; the keys are stored as plain strings in it.
+    return out, next(runs[0].glob("run-*.wandb")).read_bytes()
+
+
 @pytest.mark.parametrize(
     ("config", "n_layer"),
     [("gpt_tp.yaml", 1), ("gpt_tp_pp.yaml", 2), ("gpt_moe_ep.yaml", 2), ("gpt_moe_tp_pp_ep.yaml", 2)],
 )
 def test_cli_fit_runs_config(tmp_path, config, n_layer):
-    proc = _run(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / config),
-            "--trainer.max_steps",
-            "4",
-            "--trainer.log_every_n_steps",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.limit_val_batches",
-            "2",
-            "--model.n_layer",
-            str(n_layer),
-            "--model.n_embd",
-            "64",
-            "--data.init_args.max_tokens",
-            "40000",
-        ],
-        tmp_path,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "`Trainer.fit` stopped: `max_steps=4` reached." in out
+    small = ["--model.n_layer", str(n_layer), "--model.n_embd", "64", "--data.init_args.max_tokens", "40000"]
+    out, log = fit_shipped_config(config, small, tmp_path)
     assert "--- sample after 4 steps ---" in out
-    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
-    # wandb 0.31 has no Python reader for its offline log; the keys are stored as plain strings in it.
-    log = next(runs[0].glob("run-*.wandb")).read_bytes()
     for key in (
         b"train/loss",
         b"val/loss",
