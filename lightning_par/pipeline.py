@@ -237,14 +237,12 @@ class StagePlan:
 
     def owned_parts(self) -> dict[int, set[str] | None]:
         """Layer index -> the halves of it this rank holds (``None``: the whole layer)."""
+        whole = set(self.part_modules)
         owned: dict[int, set[str]] = {}
         for s in self.stages:
             for i in self.layers[s]:
-                halves = self.parts.get(s, {}).get(i, tuple(self.part_modules) or ("all",))
-                owned.setdefault(i, set()).update(halves)
-        return {
-            i: h if self.part_modules and not set(self.part_modules) <= h else None for i, h in owned.items()
-        }
+                owned.setdefault(i, set()).update(self.parts.get(s, {}).get(i, whole))
+        return {i: None if halves >= whole else halves for i, halves in owned.items()}
 
     def keeps(self, name: str) -> bool:
         """Whether this rank keeps parameter ``name`` (relative to the network): what
@@ -510,9 +508,8 @@ class PipelineRunner:
         divisor = torch.ones(()) if sums else global_tokens.clamp(min=1)
         self._loss_scale = grad_scale / divisor
         entry = self._entry("train" if train else "eval", args, labels, kwargs)
-        losses: list[Tensor] = []
         call = entry.schedule.step if train else entry.schedule.eval
-        options: dict[str, Any] = {"target": labels if self.plan.has_last else None, "losses": losses}
+        options: dict[str, Any] = {"target": labels if self.plan.has_last else None}
         if train:
             options["return_outputs"] = False
         # Auxiliary losses of layers on any stage (MoE load balancing) get their gradient injected in

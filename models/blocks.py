@@ -115,13 +115,15 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         if self.attn is not None:
-            x = (
-                x + self.attn(self.ln_1(x), attn_mask)
-                if self.pre_norm
-                else self.ln_1(x + self.attn(x, attn_mask))
-            )
+            if self.pre_norm:
+                x = x + self.attn(self.ln_1(x), attn_mask)
+            else:
+                x = self.ln_1(x + self.attn(x, attn_mask))
         if self.mlp is not None:
-            x = x + self.mlp(self.ln_2(x)) if self.pre_norm else self.ln_2(x + self.mlp(x))
+            if self.pre_norm:
+                x = x + self.mlp(self.ln_2(x))
+            else:
+                x = self.ln_2(x + self.mlp(x))
         return x
 
     def tp_info(self) -> TPInfo | None:
