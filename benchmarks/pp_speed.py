@@ -82,7 +82,8 @@ def _torch_by_hand(
     from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
     from torch.distributed.pipelining import PipelineStage
 
-    from lightning_par.pipeline import SCHEDULES, plan_stages, plan_views, prune_network
+    from lightning_par.pipeline.schedules import SCHEDULES
+    from lightning_par.pipeline.split import plan_stages, plan_views, prune_network
 
     torch.set_num_threads(1)
     cfg = GPTConfig(**shape)
@@ -135,7 +136,7 @@ def _torch_by_hand(
 
 
 def _stages_of(schedule: str, world: int, rank: int) -> list[int]:
-    from lightning_par.pipeline import stage_placement
+    from lightning_par.pipeline.schedules import stage_placement
 
     return stage_placement(schedule, world, None)[rank]
 

@@ -41,7 +41,7 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
     from torch.utils.data import DataLoader
 
     import lightning_par
-    import lightning_par.tensor_parallel as tpmod
+    import lightning_par.tensor_parallel.comm as tpmod
     from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)

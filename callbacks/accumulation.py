@@ -36,7 +36,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_par.pipeline import check_schedule
+from lightning_par.pipeline.schedules import check_schedule
+from lightning_par.strategies.lightning_patches import AccumulationOverride
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class GlobalBatchSize(L.Callback):
         self._step_open = False  # a step has begun and not yet been taken (ramp-up only)
         self._dp = 1
         self._rows_per_batch = 1  # samples per loader batch over all replicas (micro x dp, x m under pp)
-        self._restore_loop: list[tuple[Any, str]] = []
+        self._loop_override: AccumulationOverride | None = None
 
     # ---- the schedule ---------------------------------------------------------------------------------
     def global_batch_size_at(self, consumed_samples: int) -> int:
@@ -125,7 +126,7 @@ class GlobalBatchSize(L.Callback):
             if self.rampup is not None:
                 unit = math.gcd(self.rampup.start, self.rampup.increment, self.global_batch_size)
             m = unit // per_step
-            explicit = getattr(strategy, "_microbatches_arg", None)
+            explicit = strategy.requested_num_microbatches
             if explicit is not None and explicit != m:
                 raise ValueError(
                     f"num_microbatches={explicit} on the strategy disagrees with GlobalBatchSize(global_batch_size="
@@ -142,7 +143,7 @@ class GlobalBatchSize(L.Callback):
                     f"dp) = {m} microbatches, which the schedule refuses: {err} Choose start and increment "
                     f"whose gcd is a larger multiple of {per_step}."
                 ) from err
-            strategy._microbatches_arg = m
+            strategy.set_num_microbatches(m)
             self._rows_per_batch = per_step * m
             self.steps_per_update = self.global_batch_size // self._rows_per_batch
             # 1 at setup (the strategy refuses a user's accumulation under pp); a ramp sets each step's.
@@ -176,33 +177,16 @@ class GlobalBatchSize(L.Callback):
     def _take_over_accumulation(self, trainer: L.Trainer) -> None:
         """Decide "optimizer step now" and "zero the gradients now" from the micro-batches of this step.
 
-        Lightning's own decisions (``_accumulated_batches_reached``, ``_make_zero_grad_fn``) use
-        ``batch_idx % accumulate_grad_batches`` and break when k changes mid-epoch. Both are replaced on
-        this trainer's loop objects only, and restored at the end of fit.
+        Lightning's own decisions use ``batch_idx % accumulate_grad_batches`` and break when k changes
+        mid-epoch; :class:`~lightning_par.strategies.lightning_patches.AccumulationOverride` replaces them on
+        this trainer's loop objects only, until the end of fit.
         """
-        epoch_loop = trainer.fit_loop.epoch_loop
-        optimization = epoch_loop.automatic_optimization
-
-        def accumulated_batches_reached() -> bool:
+        self._loop_override = AccumulationOverride(
             # Between steps (also on restart from a checkpoint, always taken at a step's end): reached.
-            return not self._step_open or self._micro_in_step >= self.steps_per_update
-
-        def make_zero_grad_fn(batch_idx: int, optimizer: torch.optim.Optimizer) -> Any:
-            if optimization._skip_backward or self._micro_in_step != 1:
-                return None  # later micro-batches of the step accumulate into .grad
-
-            def zero_grad_fn() -> None:
-                optimization._on_before_zero_grad(optimizer)
-                optimization._optimizer_zero_grad(batch_idx, optimizer)
-
-            return zero_grad_fn
-
-        epoch_loop._accumulated_batches_reached = accumulated_batches_reached
-        optimization._make_zero_grad_fn = make_zero_grad_fn
-        self._restore_loop = [
-            (epoch_loop, "_accumulated_batches_reached"),
-            (optimization, "_make_zero_grad_fn"),
-        ]
+            step_complete=lambda: not self._step_open or self._micro_in_step >= self.steps_per_update,
+            first_micro_batch=lambda: self._micro_in_step == 1,
+        )
+        self._loop_override.install(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._release_loop()
@@ -211,9 +195,9 @@ class GlobalBatchSize(L.Callback):
         self._release_loop()
 
     def _release_loop(self) -> None:
-        for obj, name in self._restore_loop:
-            obj.__dict__.pop(name, None)
-        self._restore_loop = []
+        if self._loop_override is not None:
+            self._loop_override.uninstall()
+            self._loop_override = None
 
     # ---- each batch ---------------------------------------------------------------------------------
     def on_train_batch_start(

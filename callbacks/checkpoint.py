@@ -19,7 +19,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_par.checkpoint import AsyncShardedSaver, async_saves
+from lightning_par.checkpoint.async_save import AsyncShardedSaver
+from lightning_par.checkpoint.sharded import async_saves
 
 
 class ShardedCheckpoint(ModelCheckpoint):
@@ -39,7 +40,7 @@ class ShardedCheckpoint(ModelCheckpoint):
         self.saver = AsyncShardedSaver() if async_save else None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning_par.strategy import HybridParallelStrategy
+        from lightning_par.strategies.hybrid import HybridParallelStrategy
 
         if not isinstance(trainer.strategy, HybridParallelStrategy):
             raise TypeError(

@@ -5,8 +5,8 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_par.layout import ParallelLayout
-from lightning_par.strategy import (
+from lightning_par.distributed.layout import ParallelLayout
+from lightning_par.strategies.hybrid import (
     ExpertParallelStrategy,
     HybridParallelStrategy,
     PipelineParallelStrategy,

@@ -27,7 +27,7 @@ def export_hf_main(args: list[str]) -> None:
     """``lightning-par export-hf CKPT_DIR OUT_DIR``: one process, no training layout needed."""
     import argparse
 
-    from lightning_par.checkpoint import export_hf
+    from lightning_par.checkpoint.hf import export_hf
 
     parser = argparse.ArgumentParser(
         prog="lightning-par export-hf",

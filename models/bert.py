@@ -31,15 +31,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import Shard as ShardPlacement
 
-from lightning_par.tensor_parallel import (
+from lightning_par.optim.gradients import local
+from lightning_par.tensor_parallel.comm import TPInfo
+from lightning_par.tensor_parallel.layers import (
     LayerNorm,
     ParallelEmbedding,
     ParallelLinear,
-    TPInfo,
-    VocabParallel,
-    local,
     vocab_parallel_cross_entropy,
 )
+from lightning_par.tensor_parallel.styles import VocabParallel
 
 IGNORE_INDEX = -100
 

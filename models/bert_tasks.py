@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from lightning_par.tensor_parallel import VocabParallel
+from lightning_par.tensor_parallel.styles import VocabParallel
 
 
 class _BERTModule(ParallelModule):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_par.tensor_parallel import LayerNorm, ParallelLinear, TPInfo
+from lightning_par.tensor_parallel.comm import TPInfo
+from lightning_par.tensor_parallel.layers import LayerNorm, ParallelLinear
 
 
 class SelfAttention(nn.Module):
@@ -164,7 +165,7 @@ def forward_interleaved(blocks: list[Block], chunks: list[Tensor]) -> list[Tenso
 
 def block_tp_plan(prefix: str, sequence_parallel: bool, comm_chunks: int) -> dict:
     """The tensor-parallel plan of :class:`Block`, for layers under ``prefix`` (e.g. ``"layers.*"``)."""
-    from lightning_par.tensor_parallel import ColumnParallel, Replicated, RowParallel
+    from lightning_par.tensor_parallel.styles import ColumnParallel, Replicated, RowParallel
 
     kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
     return {

@@ -27,18 +27,16 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_par.experts import STAT_FIELDS, MoE, check_moe
-from lightning_par.tensor_parallel import (
-    ColumnParallel,
+from lightning_par.experts.layer import STAT_FIELDS, MoE
+from lightning_par.experts.router import check_moe
+from lightning_par.optim.gradients import local
+from lightning_par.tensor_parallel.layers import (
     LayerNorm,
     ParallelEmbedding,
     ParallelLinear,
-    Replicated,
-    RowParallel,
-    VocabParallel,
-    local,
     vocab_parallel_cross_entropy,
 )
+from lightning_par.tensor_parallel.styles import ColumnParallel, Replicated, RowParallel, VocabParallel
 
 
 @dataclass

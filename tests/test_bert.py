@@ -336,7 +336,7 @@ def test_bert_two_processes_tp2_pp2_hf_parity_and_export(setup: dict) -> None:
     r0 = {**results[0], "hf_mlm_all": [r["hf_mlm"] for r in results]}
     print("tp=2 HF max |diff| (mlm, cls):", _check_hf(r0, setup["hf_mlm"], setup["hf_cls"], rows, 2, "tp=2"))
 
-    from lightning_par.checkpoint import export_hf
+    from lightning_par.checkpoint.hf import export_hf
 
     out = export_hf(ckpt, setup["tmp"] / "exported")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]

@@ -9,7 +9,7 @@ from transformers import BertForMaskedLM, BertForSequenceClassification
 
 # ---- data ------------------------------------------------------------------------------------------------
 def test_masking_follows_bert_and_is_the_same_in_any_batching() -> None:
-    from lightning_par.data_bert import MLMCollator, mask_tokens
+    from lightning_par.data.mlm import MLMCollator, mask_tokens
 
     n, vocab, mask_id = 200_000, 1000, 1003
     ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
@@ -46,8 +46,8 @@ def test_masking_follows_bert_and_is_the_same_in_any_batching() -> None:
 
 
 def test_data_modules(tmp_path) -> None:
-    from lightning_par.data_bert import MLMDataModule
-    from lightning_par.data_classification import TextClassificationDataModule, default_labelled_lines
+    from lightning_par.data.classification import TextClassificationDataModule, default_labelled_lines
+    from lightning_par.data.mlm import MLMDataModule
 
     cache = str(tmp_path / "cache")
     mlm = MLMDataModule(tokenizer="byte", block_size=16, batch_size=4, max_tokens=4000, cache_dir=cache)

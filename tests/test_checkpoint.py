@@ -348,7 +348,7 @@ class _InFlightProbe(L.Callback):
         self.seen: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        from lightning_par.checkpoint import read_meta
+        from lightning_par.checkpoint.safe import read_meta
 
         saver = self.ckpt.saver
         partial = saver.pending_path
@@ -413,7 +413,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, whole, in this (non-distributed) process, through the safe reader."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from lightning_par.checkpoint import SafeFileSystemReader, _dcp_load
+    from lightning_par.checkpoint.safe import SafeFileSystemReader
+    from lightning_par.checkpoint.sharded import _dcp_load
 
     reader = SafeFileSystemReader(path)
     saved = reader.read_metadata().state_dict_metadata
@@ -427,7 +428,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_async_save_overlaps_training_and_equals_a_synchronous_save(tmp_path):
-    from lightning_par.checkpoint import read_meta
+    from lightning_par.checkpoint.safe import read_meta
 
     r = run_distributed(_async_runs, 2, str(tmp_path), init_process_group=False, timeout=280)
     for rank in (0, 1):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_par import data
-from lightning_par.data import TextDataModule, build_tokenizer, default_corpus_text, load_corpus
+from lightning_par.data import text as data
+from lightning_par.data.text import TextDataModule, build_tokenizer, default_corpus_text, load_corpus
 
 SAMPLES = [
     "hello world",

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from lightning_par.models.blocks import MLP
 
-from lightning_par.experts import MoE, Routing, TopKRouter, check_moe, moe_forward
+from lightning_par.experts.dispatch import moe_forward
+from lightning_par.experts.layer import MoE
+from lightning_par.experts.router import Routing, TopKRouter, check_moe
 from tests.harness import run_distributed
 
 E, C, H, T = 4, 16, 32, 8

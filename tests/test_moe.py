@@ -13,7 +13,7 @@ import torch
 from lightning_par.models import GPT
 
 import lightning_par
-from lightning_par.layout import ParallelLayout
+from lightning_par.distributed.layout import ParallelLayout
 from tests.harness import run_distributed
 from tests.parity import TINY, FixedBatches, assert_same_run, merge_ranks, reference_run, trainer_run
 

@@ -22,17 +22,10 @@ from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
 from torch.utils.data import DataLoader
 
 import lightning_par
-from lightning_par.layout import ParallelLayout
-from lightning_par.pipeline import (
-    SCHEDULES,
-    StagePlan,
-    plan_stages,
-    plan_views,
-    prune_network,
-    split_layers,
-    stage_placement,
-)
-from lightning_par.timeline import bubble_theory
+from lightning_par.distributed.layout import ParallelLayout
+from lightning_par.pipeline.schedules import SCHEDULES, stage_placement
+from lightning_par.pipeline.split import StagePlan, plan_stages, plan_views, prune_network, split_layers
+from lightning_par.pipeline.timeline import bubble_theory
 from tests.harness import run_distributed
 from tests.parity import (
     SEED,
@@ -515,7 +508,7 @@ def test_failure_watchdog_ends_a_busy_peer():
 def _sigterm_calls(rank: int, world: int) -> dict:
     from types import SimpleNamespace
 
-    from lightning_par.watchdog import DeferredSigtermCheck
+    from lightning_par.strategies.lightning_patches import DeferredSigtermCheck
 
     class Loop:
         def _broadcast_sigterm_tensor(self) -> None:

@@ -93,7 +93,7 @@ def _layer_checks(rank: int, world: int, hf_dir: str) -> dict:
     from torch.distributed.tensor.parallel import parallelize_module
     from transformers import GPT2LMHeadModel
 
-    import lightning_par.tensor_parallel as tpmod
+    import lightning_par.tensor_parallel.comm as tpmod
 
     out: dict = {}
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))

@@ -48,24 +48,18 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.optim import Optimizer
 from torchmetrics import Metric
 
-from lightning_par.checkpoint import ResumableLoader, load_sharded, save_sharded
-from lightning_par.experts import MoE
-from lightning_par.gradients import (
-    GradientSync,
-    local,
-    optimizer_params,
-)
-from lightning_par.layout import ParallelLayout, default_backend
-from lightning_par.model_setup import materialize_meta, present, tied_names
-from lightning_par.pipeline import (
-    PipelineRunner,
-    check_schedule,
-    plan_stages,
-    prune_network,
-    stages_per_rank,
-)
-from lightning_par.tensor_parallel import Replicated
-from lightning_par.watchdog import DeferredSigtermCheck, FailureWatchdog
+from lightning_par.checkpoint.sharded import load_sharded, save_sharded
+from lightning_par.data.loader import ResumableLoader
+from lightning_par.distributed.layout import ParallelLayout, default_backend
+from lightning_par.experts.layer import MoE
+from lightning_par.fault_tolerance.watchdog import FailureWatchdog
+from lightning_par.optim.gradients import GradientSync, local, optimizer_params
+from lightning_par.parallelize import materialize_meta, present, tied_names
+from lightning_par.pipeline.runner import PipelineRunner
+from lightning_par.pipeline.schedules import check_schedule, stages_per_rank
+from lightning_par.pipeline.split import plan_stages, prune_network
+from lightning_par.strategies.lightning_patches import DeferredSigtermCheck
+from lightning_par.tensor_parallel.styles import Replicated
 
 
 class HybridParallelStrategy(ModelParallelStrategy):
@@ -509,7 +503,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return out
 
     def _report_timeline(self) -> None:
-        from lightning_par.timeline import draw_timeline, summarize_timeline
+        from lightning_par.pipeline.timeline import draw_timeline, summarize_timeline
 
         assert self.pipeline is not None and self.layout is not None
         events: list[Any] = [None] * self.layout.pp

@@ -19,8 +19,14 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_par.data import _check_int, _resolve_cache_dir, build_tokenizer, load_documents, seeded_loader
-from lightning_par.data_bert import SPECIAL_TOKENS
+from lightning_par.data.mlm import SPECIAL_TOKENS
+from lightning_par.data.text import (
+    _check_int,
+    _resolve_cache_dir,
+    build_tokenizer,
+    load_documents,
+    seeded_loader,
+)
 
 __all__ = ["DEFAULT_LABELS", "TextClassificationDataModule", "default_labelled_lines", "read_labelled_file"]
 

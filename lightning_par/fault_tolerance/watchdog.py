@@ -10,15 +10,12 @@ that message under its own rank and ends its process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 _PREFIX = "lightning_par/failure/"
 
@@ -80,52 +77,3 @@ class FailureWatchdog:
                 flush=True,
             )
             os._exit(1)
-
-
-class DeferredSigtermCheck:
-    """Lightning's per-step SIGTERM check without its barrier (the strategy installs it under pipeline
-    parallel).
-
-    Lightning (2.6) broadcasts rank 0's SIGTERM flag at the start of every training step and reads it at
-    once: a barrier. A pipeline rank that has finished its part of a step then waits for the rank still
-    running the step's last backward, instead of going on to its optimizer step and its first forwards
-    of the next step. Under ZBV that wait was 0.1-0.15 s of a 2.3 s step. Here the flag goes out
-    asynchronously on a gloo group of its own and is read at the next step: every rank still stops at the
-    same step, one step later than Lightning would.
-    """
-
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo")  # every rank calls this, as new_group requires
-        self.trainer: Any = None
-        self._pending: tuple[torch.Tensor, Any] | None = None
-
-    def install(self, trainer: Any) -> bool:
-        """Take the place of the training loop's check; False if this Lightning has none to replace."""
-        loop = trainer.fit_loop.epoch_loop
-        if not callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
-            return False
-        self.trainer = trainer
-        loop._broadcast_sigterm_tensor = self
-        return True
-
-    def uninstall(self) -> None:
-        """Wait for the last flag and give the loop its own check back."""
-        if self._pending is not None:
-            with contextlib.suppress(Exception):  # (after a failure a peer may be gone)
-                self._pending[1].wait()
-            self._pending = None
-        if self.trainer is not None:
-            vars(self.trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
-            self.trainer = None
-
-    def __call__(self) -> None:
-        if self._pending is not None:
-            flag, work = self._pending
-            self._pending = None
-            work.wait()
-            if flag.item():
-                with contextlib.suppress(Exception):
-                    dist.barrier(group=self.group)
-                raise SIGTERMException()
-        flag = torch.tensor([1 if getattr(self.trainer, "received_sigterm", False) else 0])
-        self._pending = (flag, dist.broadcast(flag, src=0, group=self.group, async_op=True))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_par.data import TextDataModule, _check_int
+from lightning_par.data.text import TextDataModule, _check_int
 
 __all__ = ["SPECIAL_TOKENS", "MLMCollator", "MLMDataModule", "mask_tokens"]
 
