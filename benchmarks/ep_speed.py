@@ -68,8 +68,10 @@ def _hand(rank: int, world: int, shape: dict, warmup: int, steps: int) -> dict:
     """The minimal expert-parallel loop: what the strategy's overhead is measured against."""
     import torch
     import torch.distributed as dist
-    from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
+    from lightning_par.models.gpt import GPTConfig, GPTNetwork
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from lightning_par.initialization import fill_parameters
 
     torch.set_num_threads(1)
     cfg = GPTConfig(**shape)

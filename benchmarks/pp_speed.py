@@ -14,7 +14,7 @@ Variants, all on the same GPT, the same 8 microbatches of one sequence each, Ada
 * ``lightning_<schedule>``: pp=2 through ``lightning.Trainer`` and :class:`PipelineParallelStrategy`.
 
 The ideal speed-up of a plain schedule is ``p m / (m + p - 1)`` (1.78x at p=2, m=8). The measured bubble
-comes from the strategy's timeline of one step (``pipeline_timeline=True``).
+comes from the strategy's timeline of one step (``lightning_par.callbacks.PipelineTimeline``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def _optimizer(model):
 
 def _one_process(rank: int, world: int, shape: dict, micro: int, warmup: int, steps: int) -> dict:
     import torch
-    from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
+    from lightning_par.models.gpt import GPTConfig, GPTNetwork
+
+    from lightning_par.initialization import fill_parameters
 
     torch.set_num_threads(1)
     cfg = GPTConfig(**shape)
@@ -79,9 +81,10 @@ def _torch_by_hand(
     """torch.distributed.pipelining driven by a plain loop (the split is the strategy's, for a fair match)."""
     import torch
     import torch.distributed as dist
-    from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
+    from lightning_par.models.gpt import GPTConfig, GPTNetwork
     from torch.distributed.pipelining import PipelineStage
 
+    from lightning_par.initialization import fill_parameters
     from lightning_par.pipeline.schedules import SCHEDULES
     from lightning_par.pipeline.split import plan_stages, plan_views, prune_network
 
@@ -146,6 +149,7 @@ def _lightning(
 ) -> dict:
     import lightning as L
     import torch
+    from lightning_par.callbacks import PipelineTimeline
     from lightning_par.models import GPT
     from torch.utils.data import DataLoader
 
@@ -173,10 +177,8 @@ def _lightning(
         for b in _batches(shape, micro, warmup + steps)
         for i in range(micro)
     ]
-    strategy = lightning_par.PipelineParallelStrategy(
-        pipeline_schedule=schedule, num_microbatches=micro, pipeline_timeline=True
-    )
-    timer = StepTimer()
+    strategy = lightning_par.PipelineParallelStrategy(pipeline_schedule=schedule, num_microbatches=micro)
+    timer, timeline = StepTimer(), PipelineTimeline()
     L.seed_everything(0, verbose=False)
     trainer = quiet_trainer(
         strategy,
@@ -185,12 +187,12 @@ def _lightning(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        callbacks=[timer],
+        callbacks=[timer, timeline],
         default_root_dir=str(ROOT / "runs" / "bench"),
     )
     trainer.fit(Fixed(**shape, init_seed=0), DataLoader(rows, batch_size=micro))
     times = [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:], strict=True)]
-    summary = strategy.timeline_summary or {}
+    summary = timeline.summary or {}
     return {
         "step_s": statistics.median(times[warmup:]),
         "bubble": summary.get("bubble_measured"),

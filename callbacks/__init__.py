@@ -2,9 +2,12 @@
 
 from lightning_par.callbacks.accumulation import BatchSizeRampup, GlobalBatchSize
 from lightning_par.callbacks.checkpoint import ShardedCheckpoint
-from lightning_par.callbacks.precision import MixedPrecision, ShardedMixedPrecision
+from lightning_par.callbacks.precision import MixedPrecision
 from lightning_par.callbacks.sampling import GenerateText
 from lightning_par.callbacks.throughput import ParallelThroughputMonitor, TokensPerSecond
+from lightning_par.callbacks.timeline import PipelineTimeline
+
+from lightning_par.strategies.precision import ShardedMixedPrecision
 
 __all__ = [
     "BatchSizeRampup",
@@ -13,6 +16,7 @@ __all__ = [
     "MixedPrecision",
     "ParallelThroughputMonitor",
     "ShardedCheckpoint",
+    "PipelineTimeline",
     "ShardedMixedPrecision",
     "TokensPerSecond",
 ]

@@ -47,6 +47,8 @@ class ShardedCheckpoint(ModelCheckpoint):
                 f"ShardedCheckpoint needs one of lightning_par's strategies (tp, pp, tp_pp, ...), not "
                 f"{type(trainer.strategy).__name__}; use Lightning's ModelCheckpoint with other strategies."
             )
+        if self.saver is not None and self.saver.group is None:
+            self.saver.group = trainer.strategy.groups.side_channel("async_save")
         super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -6,9 +6,10 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_par.distributed.layout import ParallelLayout
-from lightning_par.strategies.hybrid import (
+from lightning_par.protocols import ProtocolError
+from lightning_par.strategies.hybrid import HybridParallelStrategy
+from lightning_par.strategies.presets import (
     ExpertParallelStrategy,
-    HybridParallelStrategy,
     PipelineParallelStrategy,
     TensorParallelStrategy,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "HybridParallelStrategy",
     "ParallelLayout",
     "PipelineParallelStrategy",
+    "ProtocolError",
     "TensorParallelStrategy",
 ]
 __version__ = "0.1.0"

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from lightning_par.models.blocks import Block
-from lightning_par.models.gpt import Shard, _name_seed
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import Shard as ShardPlacement
 
+from lightning_par.initialization import Shard, name_seed
 from lightning_par.optim.gradients import local
 from lightning_par.tensor_parallel.comm import TPInfo
 from lightning_par.tensor_parallel.layers import (
@@ -295,7 +295,7 @@ class BERTNetwork(nn.Module):
                 return torch.zeros(shape)
             if name.endswith("ln.weight") or name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
                 return torch.ones(shape)
-            gen = torch.Generator().manual_seed(_name_seed(seed, name))
+            gen = torch.Generator().manual_seed(name_seed(seed, name))
             full = torch.empty(shape).normal_(0.0, initializer_range, generator=gen)
             if name == "embed.wte.weight":
                 full[self.cfg.vocab_size :] = 0.0

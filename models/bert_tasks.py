@@ -22,12 +22,12 @@ from lightning_par.models.bert import (
     check_sequence_length,
 )
 from lightning_par.models.blocks import block_tp_plan
-from lightning_par.models.gpt import fill_parameters
 from lightning_par.models.metrics import TokenAccuracy, TokenMeanLoss, vocab_parallel_argmax
 from torch import Tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_par.initialization import fill_parameters
 from lightning_par.tensor_parallel.styles import VocabParallel
 
 
@@ -77,11 +77,11 @@ class _BERTModule(ParallelModule):
                     f"valid tensor_parallel_size for this model: {valid}."
                 )
 
-    def tensor_parallel_plan(self, sequence_parallel: bool, comm_chunks: int) -> dict[str, ParallelStyle]:
-        kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
+    def tensor_parallel_plan(self, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+        kw = {"sequence_parallel": sequence_parallel}
         plan: dict[str, ParallelStyle] = {
             "model.embed.wte": VocabParallel(self.config.vocab_size, **kw),
-            **block_tp_plan("model.layers.*", sequence_parallel, comm_chunks),
+            **block_tp_plan("model.layers.*", sequence_parallel),
         }
         if self.config.num_labels is None:
             plan["model.head.decoder"] = VocabParallelWithBias(self.config.vocab_size, **kw)

@@ -163,11 +163,11 @@ def forward_interleaved(blocks: list[Block], chunks: list[Tensor]) -> list[Tenso
     return xs
 
 
-def block_tp_plan(prefix: str, sequence_parallel: bool, comm_chunks: int) -> dict:
+def block_tp_plan(prefix: str, sequence_parallel: bool) -> dict:
     """The tensor-parallel plan of :class:`Block`, for layers under ``prefix`` (e.g. ``"layers.*"``)."""
     from lightning_par.tensor_parallel.styles import ColumnParallel, Replicated, RowParallel
 
-    kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
+    kw = {"sequence_parallel": sequence_parallel}
     return {
         f"{prefix}.ln_1": Replicated(**kw),
         f"{prefix}.attn.qkv": ColumnParallel(**kw),

@@ -12,7 +12,6 @@ The network follows the model protocol of ``lightning_par`` (see README, "Bring 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,11 +23,11 @@ from lightning_par.models.base import ParallelModule
 from lightning_par.models.blocks import MLP, Block, block_tp_plan, forward_interleaved
 from lightning_par.models.metrics import TokenMeanLoss
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_par.experts.layer import STAT_FIELDS, MoE
 from lightning_par.experts.router import check_moe
+from lightning_par.initialization import Shard, fill_parameters, name_seed
 from lightning_par.optim.gradients import local
 from lightning_par.tensor_parallel.layers import (
     LayerNorm,
@@ -247,69 +246,13 @@ class GPTNetwork(nn.Module):
             if std is None:
                 fill = 1.0 if name.endswith("weight") else 0.0
                 return torch.full(shape, fill)
-            gen = torch.Generator().manual_seed(_name_seed(seed, name))
+            gen = torch.Generator().manual_seed(name_seed(seed, name))
             full = torch.empty(shape).normal_(0.0, std, generator=gen)
             if name in ("embed.wte.weight", "head.weight"):
                 full[self.cfg.vocab_size :] = 0.0  # padded vocabulary rows
             return full
 
         return source
-
-
-def _name_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-Shard = tuple[int, int, int]
-"""``(dim, start, stop)``: the rows ``start:stop`` of dimension ``dim`` of a parameter's global tensor."""
-
-
-def local_shard(param: Tensor) -> Shard | None:
-    """The slice of the global tensor this rank holds, or ``None`` when it holds the whole tensor."""
-    if not isinstance(param, DTensor):
-        return None
-    shard = None
-    for mesh_dim, placement in enumerate(param.placements):
-        if placement.is_shard():
-            if shard is not None:
-                return None  # sharded over several mesh dims: let distribute_tensor slice
-            dim = placement.dim % param.ndim
-            size, rank = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
-            if param.shape[dim] % size:
-                return None
-            step = param.shape[dim] // size
-            shard = (dim, rank * step, (rank + 1) * step)
-    return shard
-
-
-@torch.no_grad()
-def fill_parameters(module: nn.Module, source: Callable[..., Tensor], prefix: str = "") -> None:
-    """Write ``source(name, global_shape, shard)`` into every parameter, keeping only this rank's shard.
-
-    ``shard`` (see :func:`local_shard`) lets a source read just this rank's slice (a checkpoint on disk);
-    a source may also return the whole tensor, which is then sliced here.
-    """
-    seen: set[int] = set()
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        shard = local_shard(param)
-        value = source(prefix + name, param.shape, shard)
-        target = param.to_local() if isinstance(param, DTensor) else param
-        if value.shape != target.shape:  # the source returned the whole tensor
-            if shard is not None:
-                dim, start, stop = shard
-                value = value.narrow(dim, start, stop - start)
-            else:
-                value = distribute_tensor(
-                    value.to(param.device, param.dtype),
-                    param.device_mesh,
-                    param.placements,
-                    src_data_rank=None,
-                ).to_local()
-        target.copy_(value)
 
 
 class GPT(ParallelModule):
@@ -412,8 +355,8 @@ class GPT(ParallelModule):
                 f"valid tensor_parallel_size for this model: {valid}."
             )
 
-    def tensor_parallel_plan(self, sequence_parallel: bool, comm_chunks: int) -> dict[str, ParallelStyle]:
-        kw = {"sequence_parallel": sequence_parallel, "comm_chunks": comm_chunks}
+    def tensor_parallel_plan(self, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+        kw = {"sequence_parallel": sequence_parallel}
         plan: dict[str, ParallelStyle] = {
             "model.embed.wte": VocabParallel(self.config.vocab_size, **kw),
             "model.embed.wpe": Replicated(**kw),
@@ -421,15 +364,15 @@ class GPT(ParallelModule):
         }
         moe = self.config.moe_layers
         if not moe:
-            plan.update(block_tp_plan("model.layers.*", sequence_parallel, comm_chunks))
+            plan.update(block_tp_plan("model.layers.*", sequence_parallel))
         for i in range(self.config.n_layer) if moe else ():
-            layer = block_tp_plan(f"model.layers.{i}", sequence_parallel, comm_chunks)
+            layer = block_tp_plan(f"model.layers.{i}", sequence_parallel)
             if i in moe:
                 # Each expert is an MLP split like the dense one (the router stays whole on every tp rank).
                 # Experts see whole sequences (the MoE layer gathers them under sequence parallel).
                 layer = {k: v for k, v in layer.items() if ".mlp." not in k}
-                layer[f"model.layers.{i}.mlp.experts.*.fc"] = ColumnParallel(comm_chunks=comm_chunks)
-                layer[f"model.layers.{i}.mlp.experts.*.proj"] = RowParallel(comm_chunks=comm_chunks)
+                layer[f"model.layers.{i}.mlp.experts.*.fc"] = ColumnParallel()
+                layer[f"model.layers.{i}.mlp.experts.*.proj"] = RowParallel()
             plan.update(layer)
         assert self.model is not None
         if not self.config.tie_embeddings or self.model.embed is None:

@@ -77,7 +77,7 @@ def test_cli_fit_runs_config(tmp_path, config, n_layer):
     if "moe" in config:  # routing statistics of the MoE layer (layer 1 of 2), summed over the replicas
         for key in (b"moe/layer1/aux_loss", b"moe/layer1/dropped_fraction", b"moe/layer1/tokens_expert7"):
             assert key in log, f"{key!r} not recorded in the W&B run"
-    if "pipeline_timeline: true" in (ROOT / "configs" / config).read_text():
+    if "lightning_par.callbacks.PipelineTimeline" in (ROOT / "configs" / config).read_text():
         # The pipeline timeline of step 2, drawn and logged with its bubble.
         assert (tmp_path / "runs" / "pipeline_timeline.png").stat().st_size > 1000
         assert b"pipeline/bubble_measured" in log and b"pipeline_schedule" in log

@@ -16,9 +16,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_par.callbacks import PipelineTimeline
 from lightning_par.models import GPT
 from lightning_par.models.blocks import Block
-from lightning_par.models.gpt import GPTConfig, GPTNetwork, fill_parameters
+from lightning_par.initialization import fill_parameters
+from lightning_par.models.gpt import GPTConfig, GPTNetwork
 from torch.utils.data import DataLoader
 
 import lightning_par
@@ -257,7 +259,8 @@ def _pp2_checks(rank: int, world: int, schedules: list[str], tmp: str) -> dict:
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(project="t", save_dir=tmp, offline=True) if rank == 0 else False
-    strategy = lightning_par.PipelineParallelStrategy(num_microbatches=4, pipeline_timeline=True)
+    strategy = lightning_par.PipelineParallelStrategy(num_microbatches=4)
+    timeline = PipelineTimeline()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world,
@@ -268,9 +271,10 @@ def _pp2_checks(rank: int, world: int, schedules: list[str], tmp: str) -> dict:
         enable_model_summary=False,
         max_steps=2,
         default_root_dir=tmp,
+        callbacks=[timeline],
     )
     trainer.fit(GPT(**TINY), DataLoader(_data(), batch_size=4))
-    out["timeline"] = strategy.timeline_summary
+    out["timeline"] = timeline.summary
 
     # Bad input, each before any step: accumulation with pp, a batch that does not split.
     errors = {}
@@ -515,7 +519,7 @@ def _sigterm_calls(rank: int, world: int) -> dict:
             raise AssertionError("replaced")
 
     trainer = SimpleNamespace(received_sigterm=False, fit_loop=SimpleNamespace(epoch_loop=Loop()))
-    check = DeferredSigtermCheck()
+    check = DeferredSigtermCheck(torch.distributed.new_group(backend="gloo"))
     assert check.install(trainer)
     for step in range(6):
         try:

@@ -103,7 +103,7 @@ def _layer_checks(rank: int, world: int, hf_dir: str) -> dict:
     for sp in (False, True):
         torch.manual_seed(0)
         block = torch.nn.ModuleDict({"b": Block(32, 4)})
-        parallelize_module(block, mesh, block_tp_plan("b", sp, 1))
+        parallelize_module(block, mesh, block_tp_plan("b", sp))
         counts = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
         originals = {
             k: getattr(tpmod, n)

@@ -27,11 +27,13 @@ class AsyncShardedSaver:
 
     DCP coordinates the ranks of a save with collectives (plans, metadata). Run from the background thread
     on the training's process group, they would interleave with training's own collectives (gloo and NCCL
-    both require one order per group), so the saver uses a gloo group of its own, made at its first save.
+    both require one order per group), so the saver uses a gloo group of its own: ``group``, given by
+    ``ShardedCheckpoint`` from the strategy's groups (``ParallelGroups.side_channel``), or made at the first
+    save when none was given.
     """
 
-    def __init__(self) -> None:
-        self._group: dist.ProcessGroup | None = None
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
         self._pending: tuple[Path, Path, int, Future[Any]] | None = None
 
     @property
@@ -54,14 +56,14 @@ class AsyncShardedSaver:
     ) -> None:
         """Commit the previous save, then start this one; returns once the tensors are copied."""
         self.commit()
-        if self._group is None:
-            self._group = dist.new_group(backend="gloo")  # every rank saves together: a collective call
+        if self.group is None:
+            self.group = dist.new_group(backend="gloo")  # every rank saves together: a collective call
         path = Path(path)
         partial = _open_partial(path, rank)
         future = dcp.async_save(
             _save_state(module, optimizers, rank),
             storage_writer=FileSystemWriter(partial),
-            process_group=self._group,
+            process_group=self.group,
         )
         _write_meta(partial, meta, optimizers, rank)
         self._pending = (path, partial, rank, future)

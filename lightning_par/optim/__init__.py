@@ -4,6 +4,7 @@ the exact global norm for clipping.
 
 from lightning_par.optim.gradients import (
     GradientSync,
+    StepTokens,
     bucket_all_reduce,
     is_replicated_dtensor,
     local,
@@ -13,6 +14,7 @@ from lightning_par.optim.gradients import (
 
 __all__ = [
     "GradientSync",
+    "StepTokens",
     "bucket_all_reduce",
     "is_replicated_dtensor",
     "local",

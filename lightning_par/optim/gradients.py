@@ -137,3 +137,44 @@ class GradientSync:
         if self.pp is not None:
             dist.all_reduce(total, group=self.pp)
         return total.sqrt()
+
+
+class StepTokens:
+    """The counted tokens of one optimizer step's micro-batches, for an exact token-weighted mean.
+
+    Each micro-batch's ``training_step`` reports ``num_tokens``. When a step has several micro-batches
+    (accumulation) or replicas, Lightning's mean-of-means is not the token-weighted mean of the global
+    batch: the strategy then makes each micro-batch's loss its token sum (:meth:`as_token_sum`) and
+    divides the summed gradients by the global batch's token count (:meth:`gradient_scale`).
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[Tensor] = []
+        self.grads_are_sums = False
+
+    def record(self, output: object) -> None:
+        if isinstance(output, dict) and isinstance(output.get("num_tokens"), Tensor):
+            self.counts.append(output["num_tokens"].detach())
+
+    def as_token_sum(self, loss: Tensor, accumulate: int) -> Tensor:
+        """Lightning's closure gave ``mean / accumulate``: this micro-batch's token sum instead."""
+        self.grads_are_sums = True
+        return loss * (self.counts[-1] * accumulate)
+
+    def gradient_scale(self, dp: dist.ProcessGroup | None, pipelined: bool) -> float | None:
+        """The factor for the step's gradients before they are summed over ``dp`` (``None``: no reduction).
+
+        Resets for the next step.
+        """
+        scale = None
+        if self.grads_are_sums:
+            # Token sums of every micro-batch on every replica: divide by the global batch's tokens.
+            total = torch.stack(self.counts).sum().to(torch.float64)
+            if dp is not None:
+                dist.all_reduce(total, group=dp)
+            scale = 1.0 / float(total.clamp(min=1))
+        elif dp is not None:
+            # Under pipeline parallel each replica already divided by the global batch's tokens: sum.
+            scale = 1.0 if pipelined else 1.0 / dist.get_world_size(dp)
+        self.counts, self.grads_are_sums = [], False
+        return scale

@@ -27,6 +27,7 @@ from lightning_par.pipeline.runner import PipelineRunner, TimelineEvent
 from lightning_par.pipeline.schedules import (
     IGNORE_INDEX,
     INTERLEAVED,
+    PipelineConfig,
     check_schedule,
     stage_placement,
     stages_per_rank,
@@ -41,13 +42,16 @@ from lightning_par.pipeline.split import (
     split_layers,
     stage_view,
 )
+from lightning_par.pipeline.step import GradientStash
 from lightning_par.pipeline.timeline import COLOURS, LABELS, bubble_theory, draw_timeline, summarize_timeline
 
 __all__ = [
     "COLOURS",
+    "GradientStash",
     "IGNORE_INDEX",
     "INTERLEAVED",
     "LABELS",
+    "PipelineConfig",
     "PipelineRunner",
     "StagePlan",
     "TimelineEvent",

@@ -18,6 +18,7 @@ from torch.distributed.pipelining.microbatch import TensorChunkSpec
 
 from lightning_par.pipeline.schedules import IGNORE_INDEX, SCHEDULES, stage_placement
 from lightning_par.pipeline.split import StagePlan, plan_views
+from lightning_par.protocols import AuxLossLayer
 
 
 # ---- running a schedule ------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ class PipelineRunner:
         self.views = plan_views(network, plan)
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         # Modules with auxiliary losses (``aux_grad_scale``, ``pop_aux``, ``record``: MoE layers).
-        self._aux_modules = [m for m in network.modules() if hasattr(m, "aux_grad_scale")]
+        self._aux_modules = [m for m in network.modules() if isinstance(m, AuxLossLayer)]
         any_aux = torch.tensor([float(bool(self._aux_modules))], device=device)
         dist.all_reduce(any_aux, group=group)
         self._any_aux = bool(any_aux.item())
@@ -101,11 +102,9 @@ class PipelineRunner:
         self._loss_broadcast: tuple[Tensor, Any] | None = None
         self._loss_scale: Tensor | None = None
         self.record_timeline = False
+        """Time every stage call of the next runs (``lightning_par.callbacks.PipelineTimeline`` sets it)."""
         self.grad_scale: float | None = None
-        """fp16 loss scale: multiplies each microbatch loss before its backward (set by the strategy)."""
         self.token_sums = False
-        """Leave gradients as token sums (not divided by the batch's tokens): the strategy divides them by
-        the tokens of a step that accumulates several pipeline runs (set by the strategy)."""
         self.last_timeline: list[TimelineEvent] | None = None
         # The pp rank that holds the last stage broadcasts the loss (rank 0 under ZBV's V shape).
         last_owner = next(
@@ -116,6 +115,18 @@ class PipelineRunner:
             if plan.num_stages - 1 in stages
         )
         self.last_stage_rank = dist.get_global_rank(group, last_owner)
+
+    def prepare_step(self, grad_scale: float | None, token_sums: bool) -> None:
+        """Settings of the coming training step (the strategy calls this before ``training_step``).
+
+        Args:
+            grad_scale: the fp16 loss scale, which multiplies each microbatch loss before its backward
+                (``None``: no scaling).
+            token_sums: leave gradients as token sums, not divided by the batch's tokens: the strategy
+                divides them by the tokens of a step that accumulates several pipeline runs.
+        """
+        self.grad_scale = grad_scale
+        self.token_sums = token_sums
 
     # ---- public entry points -------------------------------------------------------------------------
     def loss(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
@@ -84,3 +86,17 @@ def stage_placement(
     if schedule == "zbv":
         return [[r, 2 * p - 1 - r] for r in range(p)]
     return [[r + i * p for i in range(v)] for r in range(p)]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The pipeline settings of a run, as the parallelize step and the runner need them."""
+
+    schedule: str
+    num_microbatches: int
+    virtual_pipeline_size: int | None = None
+    stage_boundaries: list[int] | None = None
+
+    @property
+    def stages_per_rank(self) -> int:
+        return stages_per_rank(self.schedule, self.virtual_pipeline_size)

@@ -1,18 +1,34 @@
 """The Lightning side: :class:`HybridParallelStrategy` (Lightning's hooks over the engine) and its presets."""
 
-from lightning_par.strategies.hybrid import (
+from lightning_par.strategies.hybrid import HybridParallelStrategy
+from lightning_par.strategies.lightning_patches import AccumulationOverride, DeferredSigtermCheck
+from lightning_par.strategies.precision import (
+    PRECISIONS,
+    ExactClipping,
+    ParallelAutocastPrecision,
+    ParallelHalfPrecision,
+    ParallelPrecision,
+    ShardedMixedPrecision,
+    with_exact_clipping,
+)
+from lightning_par.strategies.presets import (
     ExpertParallelStrategy,
-    HybridParallelStrategy,
     PipelineParallelStrategy,
     TensorParallelStrategy,
 )
-from lightning_par.strategies.lightning_patches import AccumulationOverride, DeferredSigtermCheck
 
 __all__ = [
     "AccumulationOverride",
     "DeferredSigtermCheck",
+    "ExactClipping",
     "ExpertParallelStrategy",
     "HybridParallelStrategy",
+    "PRECISIONS",
+    "ParallelAutocastPrecision",
+    "ParallelHalfPrecision",
+    "ParallelPrecision",
     "PipelineParallelStrategy",
+    "ShardedMixedPrecision",
     "TensorParallelStrategy",
+    "with_exact_clipping",
 ]

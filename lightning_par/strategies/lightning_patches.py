@@ -36,8 +36,9 @@ class DeferredSigtermCheck:
     same step, one step later than Lightning would.
     """
 
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo")  # every rank calls this, as new_group requires
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        """``group``: a gloo group over the world that carries nothing else (``ParallelGroups.side_channel``)."""
+        self.group = group
         self.trainer: Any = None
         self._pending: tuple[torch.Tensor, Any] | None = None
 

@@ -27,7 +27,13 @@ from lightning_par.tensor_parallel.layers import (
     ParallelLinear,
     vocab_parallel_cross_entropy,
 )
-from lightning_par.tensor_parallel.styles import ColumnParallel, Replicated, RowParallel, VocabParallel
+from lightning_par.tensor_parallel.styles import (
+    ColumnParallel,
+    Replicated,
+    RowParallel,
+    TPStyle,
+    VocabParallel,
+)
 
 __all__ = [
     "ColumnParallel",
@@ -37,6 +43,7 @@ __all__ = [
     "Replicated",
     "RowParallel",
     "TPInfo",
+    "TPStyle",
     "VocabParallel",
     "all_gather_dim0",
     "all_reduce",

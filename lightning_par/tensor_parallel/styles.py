@@ -20,7 +20,13 @@ def _to_dtensor(param: nn.Parameter, mesh: DeviceMesh, placement: Any) -> nn.Par
     return nn.Parameter(dt, requires_grad=param.requires_grad)
 
 
-class _TPStyle(ParallelStyle):
+class TPStyle(ParallelStyle):
+    """Base of the package's styles: tells each sharded layer its role (a :class:`TPInfo`).
+
+    ``comm_chunks`` is a speed option of the run, set by :func:`lightning_par.parallelize.parallelize`
+    from the strategy's ``tp_comm_chunks``; a model's plan leaves it at 1.
+    """
+
     kind = ""
     module_types: tuple[type, ...] = ()
 
@@ -56,7 +62,7 @@ class _TPStyle(ParallelStyle):
                 module.register_parameter(name, _to_dtensor(param, mesh, Replicate()))
 
 
-class ColumnParallel(_TPStyle):
+class ColumnParallel(TPStyle):
     """Split a linear layer's output features over tp (weight and bias ``Shard(0)``)."""
 
     kind = "column"
@@ -76,7 +82,7 @@ class ColumnParallel(_TPStyle):
         return module
 
 
-class RowParallel(_TPStyle):
+class RowParallel(TPStyle):
     """Split a linear layer's input features over tp (weight ``Shard(1)``, bias replicated)."""
 
     kind = "row"
@@ -95,7 +101,7 @@ class RowParallel(_TPStyle):
         return module
 
 
-class VocabParallel(_TPStyle):
+class VocabParallel(TPStyle):
     """Split an embedding (or an output head) by vocabulary rows (``Shard(0)``).
 
     ``num_real_rows`` is the unpadded vocabulary size: rows past it are padding and are masked in the
@@ -128,7 +134,7 @@ class VocabParallel(_TPStyle):
         return module
 
 
-class Replicated(_TPStyle):
+class Replicated(TPStyle):
     """Keep a module's parameters whole on every tp rank, as ``Replicate()`` DTensors.
 
     Under sequence parallel the module runs on sequence shards and its gradients are partial sums.
