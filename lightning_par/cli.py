@@ -27,6 +27,7 @@ def export_hf_main(args: list[str]) -> None:
     """``lightning-par export-hf CKPT_DIR OUT_DIR``: one process, no training layout needed."""
     import argparse
 
+    import lightning_par.models  # noqa: F401  (registers the GPT-2 and BERT exporters)
     from lightning_par.checkpoint.hf import export_hf
 
     parser = argparse.ArgumentParser(

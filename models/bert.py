@@ -210,7 +210,7 @@ class BERTNetwork(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the word embedding with the MLM decoder (again after sharding: see DESIGN §7)."""
+        """Share the word embedding with the MLM decoder (again after sharding: ``parallelize_module`` replaces parameters, which unties them)."""
         if isinstance(self.head, MLMHead) and self.embed is not None:
             self.head.decoder.weight = self.embed.wte.weight
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning_par.models.hf import CheckpointKeyError, _read_config, _safetensors_key_map, save_hf_directory
+from lightning_par.models.hf import CheckpointKeyError, _read_config, _safetensors_key_map
+from lightning_par.models.hf_export import save_hf_directory
 from torch import Tensor
 
 if TYPE_CHECKING:

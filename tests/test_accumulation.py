@@ -311,7 +311,7 @@ def test_rampup_run_equals_reference_with_batches_of_the_ramp_sizes(results):
         assert results[0][name]["tokens"] == ref["tokens"], name
 
     # Resumed after step 3 (consumed 8): the ramp goes on from there, and on the same layout the losses
-    # are bitwise those of the uninterrupted run (DESIGN invariant 6).
+    # are bitwise those of the uninterrupted run (same seed, same layout: bitwise-identical losses).
     resumed, straight = results[0]["ramp_resume"], results[0]["ramp_tp2"]
     assert resumed["global_batch"] == RAMP_SIZES[RAMP_SAVE_AT:]
     assert resumed["consumed"] == consumed[RAMP_SAVE_AT:]

@@ -14,14 +14,8 @@ import json
 import pytest
 import torch
 from lightning_par.models.gpt import GPT
-from lightning_par.models.hf import (
-    CheckpointKeyError,
-    export_gpt2,
-    gpt2_config_kwargs,
-    gpt2_state_dict_to_hf,
-    gpt2_weight_source,
-    save_gpt2_hf,
-)
+from lightning_par.models.hf import CheckpointKeyError, gpt2_config_kwargs, gpt2_weight_source
+from lightning_par.models.hf_export import export_gpt2, gpt2_state_dict_to_hf, save_gpt2_hf
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel

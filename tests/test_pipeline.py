@@ -19,12 +19,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_par.callbacks import PipelineTimeline
 from lightning_par.models import GPT
 from lightning_par.models.blocks import Block
-from lightning_par.initialization import fill_parameters
 from lightning_par.models.gpt import GPTConfig, GPTNetwork
 from torch.utils.data import DataLoader
 
 import lightning_par
 from lightning_par.distributed.layout import ParallelLayout
+from lightning_par.initialization import fill_parameters
 from lightning_par.pipeline.schedules import SCHEDULES, stage_placement
 from lightning_par.pipeline.split import StagePlan, plan_stages, plan_views, prune_network, split_layers
 from lightning_par.pipeline.timeline import bubble_theory

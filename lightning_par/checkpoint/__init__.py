@@ -15,7 +15,7 @@ A checkpoint is a directory:
 
 Why not Lightning's and DCP's own loading: DCP's ``FileSystemReader`` reads ``.metadata`` with plain
 ``pickle.load`` and its default planner reads non-tensor items with ``torch.load(weights_only=False)``, so a
-crafted checkpoint runs code inside ``dcp.load`` (DESIGN §7). Here ``.metadata`` goes through an unpickler
+crafted checkpoint runs code inside ``dcp.load``. Here ``.metadata`` goes through an unpickler
 that admits only DCP's metadata classes, non-tensor items and ``meta.pt`` through ``weights_only=True``.
 And DCP's optimizer state dict keeps each group's parameter list, which differs between pipeline stages
 that write under the same key; here optimizer state is stored per parameter name instead.
@@ -27,7 +27,7 @@ background write is done on every rank (at the next save or at the end of traini
 """
 
 from lightning_par.checkpoint.async_save import AsyncShardedSaver
-from lightning_par.checkpoint.hf import export_hf
+from lightning_par.checkpoint.hf import HFExporter, export_hf, register_hf_exporter
 from lightning_par.checkpoint.safe import (
     META_FILE,
     OPTIM_PREFIX,
@@ -48,6 +48,7 @@ from lightning_par.checkpoint.sharded import (
 
 __all__ = [
     "AsyncShardedSaver",
+    "HFExporter",
     "META_FILE",
     "OPTIM_PREFIX",
     "SafeFileSystemReader",
@@ -59,6 +60,7 @@ __all__ = [
     "optimizer_hparams",
     "optimizer_tensors",
     "read_meta",
+    "register_hf_exporter",
     "resolve",
     "rng_tensors",
     "save_sharded",

@@ -6,7 +6,7 @@ from lightning_par.data.classification import (
     default_labelled_lines,
     read_labelled_file,
 )
-from lightning_par.data.loader import ResumableLoader
+from lightning_par.data.loader import ResumableLoader, prepare_loader
 from lightning_par.data.mlm import SPECIAL_TOKENS, MLMCollator, MLMDataModule, mask_tokens
 from lightning_par.data.text import (
     DEFAULT_CORPUS_MODULES,
@@ -47,6 +47,7 @@ __all__ = [
     "load_corpus",
     "load_documents",
     "mask_tokens",
+    "prepare_loader",
     "read_labelled_file",
     "seeded_loader",
 ]

@@ -69,3 +69,29 @@ class ResumableLoader:
 
     def __getattr__(self, name: str) -> Any:  # sampler, batch_size, dataset, ... as the wrapped loader
         return getattr(self.__dict__["loader"], name)
+
+
+def prepare_loader(dataloader: Any, trainer: Any, num_microbatches: int | None) -> Any:
+    """The strategy's view of a data loader: checked against the microbatches, resumable when training.
+
+    ``num_microbatches`` (pipeline parallel): the per-replica batch size must be a multiple, refused here
+    before the first step. A training loader becomes a :class:`ResumableLoader`, so a checkpoint records
+    how far into the epoch training got and a resume continues from there.
+    """
+    batch_size = getattr(dataloader, "batch_size", None)
+    m = num_microbatches
+    if m is not None and isinstance(batch_size, int) and batch_size % m:
+        raise ValueError(
+            f"batch size {batch_size} (per data-parallel rank) is not divisible by num_microbatches={m}; "
+            f"use a batch size that is a multiple of {m} (e.g. {max(m, batch_size - batch_size % m)}) or a "
+            f"num_microbatches that divides {batch_size}."
+        )
+    if (
+        trainer is not None
+        and trainer.training
+        and getattr(dataloader, "batch_sampler", None) is not None
+        and not hasattr(dataloader, "state_dict")
+    ):
+        loop = trainer.fit_loop.epoch_loop
+        dataloader = ResumableLoader(dataloader, position=lambda: loop.batch_progress.current.processed)
+    return dataloader

@@ -225,3 +225,13 @@ def _divisors(n: int) -> list[int]:
 def default_backend(device_type: str) -> str:
     """NCCL for CUDA, gloo otherwise: the only place the backend is chosen."""
     return "nccl" if device_type == "cuda" and torch.distributed.is_nccl_available() else "gloo"
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """Each size a strategy was given is ``None`` or an integer >= 1 (``tp_comm_chunks``: an integer >= 1)."""
+    for name, value in sizes.items():
+        if value is None and name != "tp_comm_chunks":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            allowed = "an integer >= 1" if name == "tp_comm_chunks" else "None or an integer >= 1"
+            raise ValueError(f"{name}={value!r} is not valid: it must be {allowed}.")

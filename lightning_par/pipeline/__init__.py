@@ -42,7 +42,7 @@ from lightning_par.pipeline.split import (
     split_layers,
     stage_view,
 )
-from lightning_par.pipeline.step import GradientStash
+from lightning_par.pipeline.step import GradientStash, check_no_accumulation
 from lightning_par.pipeline.timeline import COLOURS, LABELS, bubble_theory, draw_timeline, summarize_timeline
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "TimelineEvent",
     "block_parts",
     "bubble_theory",
+    "check_no_accumulation",
     "check_schedule",
     "draw_timeline",
     "network_costs",

@@ -43,3 +43,14 @@ class GradientStash:
         for p, grad in self._stashed:
             p.grad = grad if p.grad is None else p.grad.add_(grad)
         self._stashed = []
+
+
+def check_no_accumulation(accumulate_grad_batches: int, num_microbatches: int) -> None:
+    """Lightning's accumulation on top of a schedule would accumulate twice: say what to use instead."""
+    k = accumulate_grad_batches
+    if k != 1:
+        raise ValueError(
+            f"accumulate_grad_batches={k} cannot be combined with pipeline parallel: the schedule already "
+            f"accumulates gradients over its microbatches. Use num_microbatches={num_microbatches * k} (with a "
+            f"batch {k}x larger) and accumulate_grad_batches=1."
+        )

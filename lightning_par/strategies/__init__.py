@@ -9,6 +9,7 @@ from lightning_par.strategies.precision import (
     ParallelHalfPrecision,
     ParallelPrecision,
     ShardedMixedPrecision,
+    require_exact_clipping,
     with_exact_clipping,
 )
 from lightning_par.strategies.presets import (
@@ -30,5 +31,6 @@ __all__ = [
     "PipelineParallelStrategy",
     "ShardedMixedPrecision",
     "TensorParallelStrategy",
+    "require_exact_clipping",
     "with_exact_clipping",
 ]

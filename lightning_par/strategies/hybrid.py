@@ -1,25 +1,14 @@
 """The Lightning strategy that owns the parallel layout of a run: Lightning's hooks over the engine.
 
-Flow of one run (``Trainer(strategy="tp_pp", devices=N)``); ``docs/architecture.md`` follows one step:
-
-1. ``_configure_launcher`` (at ``Trainer(...)``): the layout and the pipeline settings are checked
-   against ``devices x num_nodes`` before any process starts.
-2. ``setup_environment``: the module is checked against the model protocol for this layout
-   (:mod:`lightning_par.protocols`), then the process group, the ``(pp, dp, tp)`` DeviceMesh and every
-   other group of the run (:class:`~lightning_par.distributed.groups.ParallelGroups`).
-3. Lightning calls the module's ``configure_model`` under :meth:`tensor_init_context` (meta device).
-4. ``setup``: :func:`lightning_par.parallelize.parallelize` shards the model; metrics reduce over dp.
-5. Each step: forward and backward as usual (pp > 1: the schedule runs both inside ``training_step``,
-   :class:`~lightning_par.pipeline.step.GradientStash` keeps its gradients from Lightning's
-   ``zero_grad``); then :meth:`reduce_gradients`, clipping by the exact global norm (the precision plugin,
-   :mod:`lightning_par.strategies.precision`), and the optimizer step.
-6. Checkpoints: every rank writes its shards atomically and loads any layout's checkpoint without
-   unpickling anything but DCP metadata (:mod:`lightning_par.checkpoint`).
-
-It builds on Lightning's ``ModelParallelStrategy`` (launcher, process group) and diverges where it must:
-that mesh has no pipeline dimension, it never reduces data-parallel gradients unless the model applies
-FSDP itself (the replicas would drift apart silently), and its checkpoint loading is not safe against
-crafted files.
+Each hook does one thing and hands the work to the module that owns it: the layout and its groups
+(:mod:`lightning_par.distributed`), the model surgery (:mod:`lightning_par.parallelize`), the pipeline step
+(:mod:`lightning_par.pipeline`), gradient reduction and the exact norm (:mod:`lightning_par.optim`),
+clipping (:mod:`lightning_par.strategies.precision`), checkpoints (:mod:`lightning_par.checkpoint`) and
+failures (:mod:`lightning_par.fault_tolerance`). ``docs/architecture.md`` follows one training step
+through them. It builds on Lightning's ``ModelParallelStrategy`` (launcher, process group) and diverges
+where it must: that mesh has no pipeline dimension, it never reduces data-parallel gradients unless the
+model applies FSDP itself (the replicas would drift apart silently), and its checkpoint loading is not
+safe against crafted files.
 """
 
 from __future__ import annotations
@@ -43,23 +32,18 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 
 from lightning_par.checkpoint.sharded import load_sharded, save_sharded
-from lightning_par.data.loader import ResumableLoader
+from lightning_par.data.loader import prepare_loader
 from lightning_par.distributed.groups import ParallelGroups
-from lightning_par.distributed.layout import ParallelLayout, default_backend
+from lightning_par.distributed.layout import ParallelLayout, check_sizes, default_backend
 from lightning_par.fault_tolerance.watchdog import FailureWatchdog
-from lightning_par.optim.gradients import GradientSync, StepTokens, optimizer_params
+from lightning_par.optim.gradients import StepTokens, optimizer_params
 from lightning_par.parallelize import Parallelized, parallelize
 from lightning_par.pipeline.runner import PipelineRunner
 from lightning_par.pipeline.schedules import PipelineConfig, check_schedule, stages_per_rank
-from lightning_par.pipeline.step import GradientStash
+from lightning_par.pipeline.step import GradientStash, check_no_accumulation
 from lightning_par.protocols import check_protocol
 from lightning_par.strategies.lightning_patches import DeferredSigtermCheck
-from lightning_par.strategies.precision import ExactClipping, with_exact_clipping
-
-
-def _check_size(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name}={value!r} is not valid: it must be None or an integer >= 1.")
+from lightning_par.strategies.precision import ExactClipping, require_exact_clipping, with_exact_clipping
 
 
 class HybridParallelStrategy(ModelParallelStrategy):
@@ -113,24 +97,19 @@ class HybridParallelStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        for name, value in (
-            ("tensor_parallel_size", tensor_parallel_size),
-            ("data_parallel_size", data_parallel_size),
-            ("expert_parallel_size", expert_parallel_size),
-            ("pipeline_parallel_size", pipeline_parallel_size),
-        ):
-            _check_size(name, value)
-        # Schedule settings are checked now (Trainer(...)), against pp once the layout is known.
-        known_pp = pipeline_parallel_size or 1
-        default_m = known_pp * stages_per_rank(pipeline_schedule, virtual_pipeline_size)
-        check_schedule(
-            pipeline_schedule,
-            known_pp,
-            default_m if num_microbatches is None else num_microbatches,
-            virtual_pipeline_size,
+        check_sizes(
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            expert_parallel_size=expert_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            tp_comm_chunks=tp_comm_chunks,
         )
-        if not isinstance(tp_comm_chunks, int) or tp_comm_chunks < 1:
-            raise ValueError(f"tp_comm_chunks={tp_comm_chunks!r} is not valid: it must be an integer >= 1.")
+        # Schedule settings are checked now (Trainer(...)), against pp once the layout is known.
+        pp = pipeline_parallel_size or 1
+        m = pp * stages_per_rank(pipeline_schedule, virtual_pipeline_size)
+        check_schedule(
+            pipeline_schedule, pp, m if num_microbatches is None else num_microbatches, virtual_pipeline_size
+        )
         self._sizes = (tensor_parallel_size, data_parallel_size, pipeline_parallel_size, expert_parallel_size)
         self.sequence_parallel = sequence_parallel
         self.tp_comm_chunks = tp_comm_chunks
@@ -161,12 +140,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
             expert_parallel_size=ep,
         )
         if layout.pp > 1:
-            check_schedule(
-                self.pipeline_schedule,
-                layout.pp,
-                self.num_microbatches_for(layout),
-                self.virtual_pipeline_size,
-            )
+            m = self.num_microbatches_for(layout)
+            check_schedule(self.pipeline_schedule, layout.pp, m, self.virtual_pipeline_size)
         return layout
 
     def num_microbatches_for(self, layout: ParallelLayout) -> int:
@@ -197,11 +172,6 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def pipeline(self) -> PipelineRunner | None:
         """The pipeline runner under pipeline parallel (the model's ``training_step`` calls its ``loss``)."""
         return self.parallelized.pipeline if self.parallelized is not None else None
-
-    @property
-    def grad_sync(self) -> GradientSync:
-        assert self.parallelized is not None
-        return self.parallelized.grad_sync
 
     def _configure_launcher(self) -> None:
         # Runs inside Trainer(...): check the layout before any process is started.
@@ -265,20 +235,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
         check = getattr(module, "check_layout", None)
         if check is not None:
             check(layout.tp, layout.sequence_parallel)
-        if layout.pp > 1 and trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} cannot be combined with pipeline "
-                f"parallel: the schedule already accumulates gradients over its microbatches. Use "
-                f"num_microbatches={self.num_microbatches * trainer.accumulate_grad_batches} (with a batch "
-                f"{trainer.accumulate_grad_batches}x larger) and accumulate_grad_batches=1."
-            )
-        if trainer.gradient_clip_val and not isinstance(self.precision_plugin, ExactClipping):
-            raise ValueError(
-                f"gradient_clip_val={trainer.gradient_clip_val} needs a precision plugin that clips by the exact "
-                f"norm of the parallel layout; {type(self.precision_plugin).__name__} does not. Use "
-                f"precision='32-true', 'bf16-mixed', '16-true' or 'bf16-true', or "
-                f"lightning_par.callbacks.MixedPrecision."
-            )
+        if layout.pp > 1:
+            check_no_accumulation(trainer.accumulate_grad_batches, self.num_microbatches)
+        require_exact_clipping(self.precision_plugin, trainer.gradient_clip_val)
         # A module already sharded (a second Trainer over the same module) keeps its shards.
         self.parallelized = self.parallelized or getattr(module, "_lp_parallelized", None)
         if self.parallelized is None:
@@ -346,26 +305,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return closure_loss
 
     def process_dataloader(self, dataloader: object) -> object:
-        """Refuse, before the first step, a batch size that does not split into the microbatches."""
-        batch_size = getattr(dataloader, "batch_size", None)
-        if self.pipeline is not None and isinstance(batch_size, int) and batch_size % self.num_microbatches:
-            m = self.num_microbatches
-            raise ValueError(
-                f"batch size {batch_size} (per data-parallel rank) is not divisible by num_microbatches={m}; "
-                f"use a batch size that is a multiple of {m} (e.g. {max(m, batch_size - batch_size % m)}) or a "
-                f"num_microbatches that divides {batch_size}."
-            )
+        """Refuse a batch size the microbatches do not divide; make training loaders resumable mid-epoch."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if (
-            trainer is not None
-            and trainer.training
-            and getattr(dataloader, "batch_sampler", None) is not None
-            and not hasattr(dataloader, "state_dict")
-        ):
-            # Checkpoints record how far into the epoch training got, so a resume continues from there.
-            loop = trainer.fit_loop.epoch_loop
-            dataloader = ResumableLoader(dataloader, position=lambda: loop.batch_progress.current.processed)
-        return super().process_dataloader(dataloader)
+        m = self.num_microbatches if self.pipeline is not None else None
+        return super().process_dataloader(prepare_loader(dataloader, trainer, m))
 
     def optimizer_step(
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
@@ -386,14 +329,14 @@ class HybridParallelStrategy(ModelParallelStrategy):
         """
         assert self.groups is not None
         scale = self._tokens.gradient_scale(self.groups.dp, pipelined=self.pipeline is not None)
-        named = dict(self.lightning_module.named_parameters()) if self.grad_sync.tied else {}
-        self.grad_sync.reduce(params, named, scale)
+        named = dict(self.lightning_module.named_parameters()) if self.parallelized.grad_sync.tied else {}
+        self.parallelized.grad_sync.reduce(params, named, scale)
 
     def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         """The gradient norm of the whole (unsharded) model, each parameter counted once."""
         if norm_type != 2.0:
             raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
-        return self.grad_sync.norm(params, self.root_device)
+        return self.parallelized.grad_sync.norm(params, self.root_device)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -430,17 +373,17 @@ class HybridParallelStrategy(ModelParallelStrategy):
     # ---- failures -----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         super().on_train_start()
-        # From here on a rank that fails ends the others within seconds, whatever they are blocked in.
         if self.world_size > 1 and dist.is_initialized():
+            # From here on a rank that fails ends the others within seconds, whatever they are blocked in.
             self._watchdog = FailureWatchdog.for_process_group(self.global_rank)
             if self._watchdog is not None:
                 self._watchdog.start()
-        if self.layout is not None and self.layout.pp > 1 and self.world_size > 1:
-            # No barrier at the start of each step: pipeline ranks overlap one step's end with the next.
-            if self._sigterm_check is None:
-                assert self.groups is not None
-                self._sigterm_check = DeferredSigtermCheck(self.groups.side_channel("sigterm"))
-            self._sigterm_check.install(self.lightning_module.trainer)
+            if self.layout.pp > 1:
+                # No barrier at the start of each step: pipeline ranks overlap one step's end with the next.
+                self._sigterm_check = self._sigterm_check or DeferredSigtermCheck(
+                    self.groups.side_channel("sigterm")
+                )
+                self._sigterm_check.install(self.lightning_module.trainer)
 
     def on_train_end(self) -> None:
         self._stop_watchdog()

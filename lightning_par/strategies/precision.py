@@ -91,6 +91,16 @@ def with_exact_clipping(plugin: Precision) -> Precision:
     return exact
 
 
+def require_exact_clipping(plugin: Precision, gradient_clip_val: float | int | None) -> None:
+    """Refuse clipping with a plugin whose clipping cannot count a parallel layout's gradients."""
+    if gradient_clip_val and not isinstance(plugin, ExactClipping):
+        raise ValueError(
+            f"gradient_clip_val={gradient_clip_val} needs a precision plugin that clips by the exact norm of "
+            f"the parallel layout; {type(plugin).__name__} does not. Use precision='32-true', 'bf16-mixed', "
+            f"'16-true' or 'bf16-true', or lightning_par.callbacks.MixedPrecision."
+        )
+
+
 PRECISIONS = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
