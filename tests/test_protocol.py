@@ -2,7 +2,7 @@
 
 The LightningModule below uses nothing of the package's models (no GPT, no ``models.blocks``): only the
 protocol (README, "Bring your own model") and the layers of :mod:`lightning_par.tensor_parallel`. Each
-test spawns one process group for its layout, trains a few AdamW steps through ``lightning.Trainer`` with
+test spawns one process group for its layout, trains a few SGD steps through ``lightning.Trainer`` with
 the strategy, and compares the loss of every step and every parameter's gradient with an independent
 one-process run of the same module class (plain PyTorch loop, same seeded weights, same batches).
 """
@@ -115,7 +115,7 @@ class Network(nn.Module):
     def loss_fn(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss summed over counted tokens, counted tokens)``; labels ``[B, T]``, -100 ignored."""
         assert self.head is not None
-        return vocab_parallel_cross_entropy(logits, labels.t(), None)
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.head.tp)
 
 
 def fill_(p: Tensor, value: Tensor) -> None:
@@ -144,8 +144,7 @@ class ProtocolLM(L.LightningModule):
         if N_HEAD % tensor_parallel_size or VOCAB % tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must divide {N_HEAD} and {VOCAB}")
 
-    def tensor_parallel_plan(self, sequence_parallel: bool, comm_chunks: int = 1) -> dict:
-        # (The README lists a second argument, comm_chunks; it is not needed by this model's layers.)
+    def tensor_parallel_plan(self, sequence_parallel: bool) -> dict:
         kw = {"sequence_parallel": sequence_parallel}
         layer = "model.layers.*"
         return {
@@ -256,7 +255,6 @@ def _parallel_run(rank: int, world: int, layout: str) -> dict:
 
 def _reference(batches: list[dict[str, Tensor]]) -> dict:
     """The same module class in one process, plain PyTorch: no Lightning Trainer, no strategy."""
-    torch.manual_seed(0)
     model = ProtocolLM()
     model.configure_model()
     opt = model.configure_optimizers()
@@ -356,7 +354,7 @@ def test_protocol_model_pp2_matches_one_process():
         {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")} for names in (first, last)
     ]
     assert layers[0] and layers[1] and max(layers[0]) < min(layers[1]), f"stage layers {layers}"
-    for _rank, res in enumerate(results):
+    for res in results:
         assert res["steps"] == STEPS
         # The schedule's loss is broadcast from the last stage: every rank returns the batch's loss.
         torch.testing.assert_close(
