@@ -85,7 +85,8 @@ def test_cli_fit_runs_config(tmp_path, config, n_layer):
 
 def test_every_shipped_config_is_tested():
     tested = {"gpt_tp.yaml", "gpt_tp_pp.yaml", "gpt_moe_ep.yaml", "gpt_moe_tp_pp_ep.yaml"}
-    tested |= {"bert_mlm_tp.yaml", "bert_cls_tp_pp.yaml"}  # run in tests/test_bert_data.py (with BERT checks)
+    # (the BERT configs run in tests/data/test_bert_data.py, with BERT checks)
+    tested |= {"bert_mlm_tp.yaml", "bert_cls_tp_pp.yaml"}
     assert {p.name for p in (ROOT / "configs").glob("*.yaml")} == tested
 
 

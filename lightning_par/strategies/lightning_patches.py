@@ -1,7 +1,7 @@
 """The Lightning internals this package replaces, in one place (written against Lightning 2.6).
 
 Where Lightning has no public hook for what a layout needs, the workaround lives here, says what it
-replaces, and ``tests/strategies/test_lightning_patches.py`` fails if that internal disappears:
+replaces, and ``tests/test_architecture.py`` fails if that internal disappears:
 
 * :class:`DeferredSigtermCheck` takes the place of ``_TrainingEpochLoop._broadcast_sigterm_tensor``
   (a per-step world barrier) under pipeline parallel;

@@ -1,4 +1,4 @@
-"""Runs in which one rank fails (started by tests/test_pipeline.py as plain scripts, so that Lightning's
+"""Runs in which one rank fails (started by tests/pipeline/test_pipeline.py as plain scripts, so that Lightning's
 own launcher starts the other ranks, as in a real run).
 
 * ``python pipeline_failure.py``: pp=4; the third stage raises inside layer 2's forward, on microbatch 1
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import lightning as L  # noqa: E402
 from lightning_par.models import GPT  # noqa: E402

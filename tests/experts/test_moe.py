@@ -183,7 +183,7 @@ def _fit_moe(
 def _ep2_checkpoint_and_precision(rank: int, world: int, tmp: str) -> dict:
     from lightning_par.callbacks import MixedPrecision
 
-    from tests.test_precision import Overflow
+    from tests.callbacks.test_precision import Overflow
 
     out = {
         "straight": _fit_moe(world, TOTAL, None, None, []),
