@@ -144,8 +144,22 @@ def _stages_of(schedule: str, world: int, rank: int) -> list[int]:
     return stage_placement(schedule, world, None)[rank]
 
 
-def _lightning(
+def _lightning_nonfinite_off(
     rank: int, world: int, schedule: str, shape: dict, micro: int, warmup: int, steps: int
+) -> dict:
+    """The strategy without the per-step NaN/Inf check: what the check costs, side by side."""
+    return _lightning(rank, world, schedule, shape, micro, warmup, steps, nonfinite="off")
+
+
+def _lightning(
+    rank: int,
+    world: int,
+    schedule: str,
+    shape: dict,
+    micro: int,
+    warmup: int,
+    steps: int,
+    nonfinite: str = "stop",
 ) -> dict:
     import lightning as L
     import torch
@@ -177,7 +191,9 @@ def _lightning(
         for b in _batches(shape, micro, warmup + steps)
         for i in range(micro)
     ]
-    strategy = lightning_par.PipelineParallelStrategy(pipeline_schedule=schedule, num_microbatches=micro)
+    strategy = lightning_par.PipelineParallelStrategy(
+        pipeline_schedule=schedule, num_microbatches=micro, nonfinite=nonfinite
+    )
     timer, timeline = StepTimer(), PipelineTimeline()
     L.seed_everything(0, verbose=False)
     trainer = quiet_trainer(
@@ -212,6 +228,9 @@ def main() -> None:
     )
     parser.add_argument("--schedules", default=",".join(SCHEDULE_NAMES))
     parser.add_argument("--pp4", action="store_true", help="also run 1f1b and gpipe at pp=4 (reported only)")
+    parser.add_argument(
+        "--nonfinite-off", action="store_true", help="also run the strategy with nonfinite='off' (its cost)"
+    )
     args = parser.parse_args()
     from tests.harness import run_distributed
 
@@ -224,6 +243,8 @@ def main() -> None:
     for s in schedules:
         variants.append((f"torch_{s}", 2, _torch_by_hand, (s,)))
         variants.append((f"lightning_{s}", 2, _lightning, (s,)))
+        if args.nonfinite_off:
+            variants.append((f"lightning_{s}_nonfinite_off", 2, _lightning_nonfinite_off, (s,)))
     if args.pp4:
         for s in ("gpipe", "1f1b"):
             variants.append((f"pp4_torch_{s}", 4, _torch_by_hand, (s,)))
@@ -239,7 +260,7 @@ def main() -> None:
                 m,
                 warmup,
                 steps,
-                init_process_group=fn is not _lightning,
+                init_process_group=fn not in (_lightning, _lightning_nonfinite_off),
                 timeout=900,
             )[0]
             runs[name].append(r)

@@ -39,3 +39,8 @@ def test_ep_speed_smoke():
     assert "lightning  ep2 / ep1 tokens/s:" in out
     # Dropless routing sends every assignment there and back, forward and backward: the count is exact.
     assert "ratio 1.0000" in out
+
+
+def test_checkpoint_speed_smoke():
+    out = _smoke("checkpoint_speed.py")
+    assert "save: median" in out and "load: median" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 # ---- the data position within an epoch ------------------------------------------------------------------
 class _SkipFirst:
@@ -47,7 +49,11 @@ class ResumableLoader:
         from torch.utils.data import DataLoader
 
         loader = self.loader
-        return iter(
+        # A new iterator draws its base seed from the global generator; the uninterrupted run drew it at
+        # the epoch's start, long before the RNG state this resume restored. Draw it without moving the
+        # generator, so dropout after the resume sees the numbers it would have seen.
+        rng = torch.get_rng_state()
+        iterator = iter(
             DataLoader(
                 loader.dataset,
                 batch_sampler=_SkipFirst(loader.batch_sampler, skip),
@@ -58,6 +64,8 @@ class ResumableLoader:
                 persistent_workers=False,
             )
         )
+        torch.set_rng_state(rng)
+        return iterator
 
     def state_dict(self) -> dict[str, int]:
         return {"batches_done_in_epoch": int(self.position())}

@@ -116,7 +116,8 @@ class GradientSync:
         Sharded parameters add their shard's squares, summed over tp; replicated ones are the same on every
         tp rank and are added once. Experts differ over the ep group (summed over it); pipeline stages hold
         different parameters (summed over pp, the second copy of a tied weight left out). Data-parallel
-        replicas already agree.
+        replicas already agree. A NaN or Inf in any rank's gradient makes the norm non-finite on every rank
+        (replicas through the gradient reduction, the rest through these all-reduces).
         """
         # [dense sharded, dense replicated, expert sharded, expert replicated]
         parts: list[list[Tensor]] = [[], [], [], []]
@@ -127,7 +128,9 @@ class GradientSync:
             parts[kind + (2 if id(p) in self.expert_ids else 0)].append(local(p.grad))
         sq = torch.stack([sum_squares(part, device) for part in parts])
         if self.tp is not None:
-            sharded = sq[0::2].contiguous()
+            # 0 * replicated adds nothing to a finite norm (bitwise) but carries a NaN/Inf of a replicated
+            # gradient on one tp rank to all of them: a non-finite norm is then agreed by every rank.
+            sharded = (sq[0::2] + 0 * sq[1::2]).contiguous()
             dist.all_reduce(sharded, group=self.tp)
             sq[0::2] = sharded
         expert = sq[2] + sq[3]

@@ -100,3 +100,11 @@ class PipelineConfig:
     @property
     def stages_per_rank(self) -> int:
         return stages_per_rank(self.schedule, self.virtual_pipeline_size)
+
+    def describe(self) -> dict[str, object]:
+        """For loggers and checkpoints (beside the layout's sizes)."""
+        return {
+            "pipeline_schedule": self.schedule,
+            "num_microbatches": self.num_microbatches,
+            "stages_per_rank": self.stages_per_rank,
+        }

@@ -1,14 +1,9 @@
 """The Lightning strategy that owns the parallel layout of a run: Lightning's hooks over the engine.
 
-Each hook does one thing and hands the work to the module that owns it: the layout and its groups
-(:mod:`lightning_par.distributed`), the model surgery (:mod:`lightning_par.parallelize`), the pipeline step
-(:mod:`lightning_par.pipeline`), gradient reduction and the exact norm (:mod:`lightning_par.optim`),
-clipping (:mod:`lightning_par.strategies.precision`), checkpoints (:mod:`lightning_par.checkpoint`) and
-failures (:mod:`lightning_par.fault_tolerance`). ``docs/architecture.md`` follows one training step
-through them. It builds on Lightning's ``ModelParallelStrategy`` (launcher, process group) and diverges
-where it must: that mesh has no pipeline dimension, it never reduces data-parallel gradients unless the
-model applies FSDP itself (the replicas would drift apart silently), and its checkpoint loading is not
-safe against crafted files.
+Each hook hands its work to the module that owns it; ``docs/architecture.md`` follows one training step
+through them. Built on Lightning's ``ModelParallelStrategy`` (launcher, process group), diverging where it
+must: its mesh has no pipeline dimension, it reduces no data-parallel gradients unless the model applies
+FSDP itself, and its checkpoint loading is not safe against crafted files.
 """
 
 from __future__ import annotations
@@ -35,14 +30,15 @@ from lightning_par.checkpoint.sharded import load_sharded, save_sharded
 from lightning_par.data.loader import prepare_loader
 from lightning_par.distributed.groups import ParallelGroups
 from lightning_par.distributed.layout import ParallelLayout, check_sizes, default_backend
-from lightning_par.fault_tolerance.watchdog import FailureWatchdog
+from lightning_par.fault_tolerance.nonfinite import NonFiniteCheck
+from lightning_par.fault_tolerance.restart import init_elastic_process_group
 from lightning_par.optim.gradients import StepTokens, optimizer_params
 from lightning_par.parallelize import Parallelized, parallelize
 from lightning_par.pipeline.runner import PipelineRunner
 from lightning_par.pipeline.schedules import PipelineConfig, check_schedule, stages_per_rank
 from lightning_par.pipeline.step import GradientStash, check_no_accumulation
 from lightning_par.protocols import check_protocol
-from lightning_par.strategies.lightning_patches import DeferredSigtermCheck
+from lightning_par.strategies.guards import RunGuards
 from lightning_par.strategies.precision import ExactClipping, require_exact_clipping, with_exact_clipping
 
 
@@ -70,9 +66,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
         expert_parallel_size: ranks that split each mixture-of-experts layer's experts, carved out of the
             data-parallel replicas (it must divide ``data_parallel_size``; see
             :class:`~lightning_par.distributed.layout.ParallelLayout`). ``None``: all of them (``ep = dp``).
+        hang_timeout: seconds without progress (a step neither started nor finished) after which the run
+            ends with the stuck rank's step and Python stack (``None``: no hang detection).
+        nonfinite: a NaN/Inf loss or gradient on any rank: ``"stop"`` (raise on every rank, naming them),
+            ``"skip"`` (drop the step on every rank) or ``"off"``. fp16 loss scaling keeps its own rule.
         process_group_backend: ``None`` picks NCCL on CUDA and gloo otherwise.
-
-    The pipeline timeline is the callback :class:`lightning_par.callbacks.PipelineTimeline`.
     """
 
     def __init__(
@@ -87,6 +85,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         virtual_pipeline_size: int | None = None,
         pipeline_stage_boundaries: list[int] | None = None,
         expert_parallel_size: int | None = 1,
+        hang_timeout: float | None = 300.0,
+        nonfinite: str = "stop",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -124,8 +124,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
         """What the parallelize step left: gradient plan, pipeline runner, tie groups."""
         self._tokens = StepTokens()
         self._stash = GradientStash()
-        self._watchdog: FailureWatchdog | None = None
-        self._sigterm_check: DeferredSigtermCheck | None = None
+        self._guards = RunGuards(hang_timeout)
+        self._nonfinite = NonFiniteCheck(nonfinite)
+        self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None
 
     # ---- layout and process groups ------------------------------------------------------------------
     def _resolve_layout(self) -> ParallelLayout:
@@ -194,14 +195,19 @@ class HybridParallelStrategy(ModelParallelStrategy):
         dp = self.device_mesh["dp"]
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
+    @property
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(
+            self.pipeline_schedule,
+            self.num_microbatches,
+            self.virtual_pipeline_size,
+            self.pipeline_stage_boundaries,
+        )
+
     def describe_layout(self) -> dict[str, Any]:
         assert self.layout is not None
         info = self.layout.describe(backend=self._get_process_group_backend())
-        if self.layout.pp > 1:
-            info["pipeline_schedule"] = self.pipeline_schedule
-            info["num_microbatches"] = self.num_microbatches
-            info["stages_per_rank"] = stages_per_rank(self.pipeline_schedule, self.virtual_pipeline_size)
-        return info
+        return {**info, **self.pipeline_config.describe()} if self.layout.pp > 1 else info
 
     # ---- precision: Lightning's plugin, clipping by the exact norm ----------------------------------
     @property
@@ -241,14 +247,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         # A module already sharded (a second Trainer over the same module) keeps its shards.
         self.parallelized = self.parallelized or getattr(module, "_lp_parallelized", None)
         if self.parallelized is None:
-            config = None
-            if layout.pp > 1:
-                config = PipelineConfig(
-                    self.pipeline_schedule,
-                    self.num_microbatches,
-                    self.virtual_pipeline_size,
-                    self.pipeline_stage_boundaries,
-                )
+            config = self.pipeline_config if layout.pp > 1 else None
             self.parallelized = parallelize(
                 module, layout, self.groups, self.root_device, config, self.tp_comm_chunks
             )
@@ -271,6 +270,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         runner = self.pipeline
         module = self.lightning_module
+        self._guards.progress(module.trainer.global_step)
         automatic = runner is not None and module.automatic_optimization
         # Several pipeline runs per optimizer step (a batch-size ramp-up) leave token sums, divided by the
         # step's global token count in reduce_gradients.
@@ -281,11 +281,16 @@ class HybridParallelStrategy(ModelParallelStrategy):
         if automatic:
             self._stash.begin(module.parameters(), accumulating)
         out = super().training_step(*args, **kwargs)
+        self._guards.progress(module.trainer.global_step)
         self._tokens.record(out)
         if automatic:
             self._stash.end(module.parameters())
             self._tokens.grads_are_sums = accumulating
         return out
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._guards.progress(self.lightning_module.trainer.global_step)  # (a long validation is progress)
+        return super().validation_step(*args, **kwargs)
 
     def backward(
         self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
@@ -315,7 +320,12 @@ class HybridParallelStrategy(ModelParallelStrategy):
     ) -> Any:
         def closure_and_reduce() -> Any:
             result = closure()
-            self.reduce_gradients(optimizer_params(optimizer))
+            params = list(optimizer_params(optimizer))
+            self.reduce_gradients(params)
+            self._norm_cache = None
+            if self._nonfinite.policy != "off" and not getattr(self.precision_plugin, "scaling", False):
+                # (fp16 loss scaling has its own overflow rule.) The norm is kept for clipping.
+                self._nonfinite.check_step(self.global_grad_norm(params), result, self.lightning_module)
             return result
 
         return super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
@@ -333,10 +343,14 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.parallelized.grad_sync.reduce(params, named, scale)
 
     def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
-        """The gradient norm of the whole (unsharded) model, each parameter counted once."""
+        """The gradient norm of the whole (unsharded) model, each parameter counted once (computed once a step)."""
         if norm_type != 2.0:
             raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
-        return self.parallelized.grad_sync.norm(params, self.root_device)
+        params = [p for p in params if p.grad is not None]
+        key = tuple(map(id, params))
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, self.parallelized.grad_sync.norm(params, self.root_device))
+        return self._norm_cache[1]
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -371,39 +385,31 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return [getattr(o, "_optimizer", o) for o in self.optimizers]
 
     # ---- failures -----------------------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        # Under torchrun, each restart attempt gets its own namespace of the agent's store.
+        assert self.cluster_environment is not None
+        env = self.cluster_environment
+        init_elastic_process_group(
+            self._get_process_group_backend(), env.global_rank(), env.world_size(), self._timeout
+        )
+        super()._setup_distributed()
+
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.world_size > 1 and dist.is_initialized():
-            # From here on a rank that fails ends the others within seconds, whatever they are blocked in.
-            self._watchdog = FailureWatchdog.for_process_group(self.global_rank)
-            if self._watchdog is not None:
-                self._watchdog.start()
-            if self.layout.pp > 1:
-                # No barrier at the start of each step: pipeline ranks overlap one step's end with the next.
-                self._sigterm_check = self._sigterm_check or DeferredSigtermCheck(
-                    self.groups.side_channel("sigterm")
-                )
-                self._sigterm_check.install(self.lightning_module.trainer)
+        if dist.is_initialized():
+            self._guards.start(self.lightning_module.trainer, self.groups, self.global_rank)
 
     def on_train_end(self) -> None:
-        self._stop_watchdog()
+        self._guards.stop()
         super().on_train_end()
 
     def on_exception(self, exception: BaseException) -> None:
-        if self._watchdog is not None:
-            self._watchdog.report(exception)
+        self._guards.report(exception)
         super().on_exception(exception)
 
     def teardown(self) -> None:
-        self._stop_watchdog()
+        self._guards.stop()
         super().teardown()
-
-    def _stop_watchdog(self) -> None:
-        if self._sigterm_check is not None:
-            self._sigterm_check.uninstall()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
 
     # ---- reductions (over the groups that hold different numbers) ------------------------------------
     def sum_over_replicas_and_stages(self, tensor: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ class TensorParallelStrategy(HybridParallelStrategy):
         data_parallel_size: int | None = None,
         sequence_parallel: bool = False,
         tp_comm_chunks: int = 1,
+        hang_timeout: float | None = 300.0,
+        nonfinite: str = "stop",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -35,6 +37,8 @@ class TensorParallelStrategy(HybridParallelStrategy):
             pipeline_parallel_size=1,
             sequence_parallel=sequence_parallel,
             tp_comm_chunks=tp_comm_chunks,
+            hang_timeout=hang_timeout,
+            nonfinite=nonfinite,
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
@@ -46,6 +50,8 @@ class PipelineParallelStrategy(HybridParallelStrategy):
     ``Trainer(strategy="pp", devices=N)`` means pp=N with 1F1B and one microbatch per stage;
     ``PipelineParallelStrategy(pipeline_parallel_size=2, pipeline_schedule="zbv", num_microbatches=8)``
     sets them explicitly (data parallel takes the remaining processes).
+
+    The arguments are :class:`HybridParallelStrategy`'s.
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class PipelineParallelStrategy(HybridParallelStrategy):
         num_microbatches: int | None = None,
         virtual_pipeline_size: int | None = None,
         pipeline_stage_boundaries: list[int] | None = None,
+        hang_timeout: float | None = 300.0,
+        nonfinite: str = "stop",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -67,6 +75,8 @@ class PipelineParallelStrategy(HybridParallelStrategy):
             num_microbatches=num_microbatches,
             virtual_pipeline_size=virtual_pipeline_size,
             pipeline_stage_boundaries=pipeline_stage_boundaries,
+            hang_timeout=hang_timeout,
+            nonfinite=nonfinite,
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
@@ -86,6 +96,8 @@ class ExpertParallelStrategy(HybridParallelStrategy):
         expert_parallel_size: int | None = None,
         data_parallel_size: int | None = None,
         tensor_parallel_size: int = 1,
+        hang_timeout: float | None = 300.0,
+        nonfinite: str = "stop",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -94,6 +106,8 @@ class ExpertParallelStrategy(HybridParallelStrategy):
             data_parallel_size=data_parallel_size,
             pipeline_parallel_size=1,
             expert_parallel_size=expert_parallel_size,
+            hang_timeout=hang_timeout,
+            nonfinite=nonfinite,
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
