@@ -75,6 +75,11 @@ class ShardedCheckpoint(ModelCheckpoint):
             self._last_step, self.preempted_at = trainer.global_step, None
         super().setup(trainer, pl_module, stage)
 
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        # After the preemption save the epoch still ends (should_stop): a later save would record the epoch
+        # as complete, and a resume would start the next one.
+        return self.preempted_at is not None or super()._should_skip_saving_checkpoint(trainer)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self._preemption is not None and threading.current_thread() is threading.main_thread():
@@ -102,6 +107,7 @@ class ShardedCheckpoint(ModelCheckpoint):
         path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(path)
         self.last_model_path = path
+        self._last_checkpoint_saved = True  # (ModelCheckpoint.on_train_end would save "last" once more)
         self.preempted_at = trainer.global_step
         trainer.should_stop = True
 

@@ -270,10 +270,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         runner = self.pipeline
         module = self.lightning_module
-        self._guards.progress(module.trainer.global_step)
         automatic = runner is not None and module.automatic_optimization
-        # Several pipeline runs per optimizer step (a batch-size ramp-up) leave token sums, divided by the
-        # step's global token count in reduce_gradients.
+        # Several pipeline runs per step (a batch-size ramp-up) leave token sums: see reduce_gradients.
         accumulating = automatic and module.trainer.accumulate_grad_batches > 1
         if runner is not None:
             # fp16: the schedule's backward must see the scaled loss (the plugin's pre_backward comes too late).
@@ -328,7 +326,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
                 self._nonfinite.check_step(self.global_grad_norm(params), result, self.lightning_module)
             return result
 
-        return super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
+        out = super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
+        self._guards.progress(self.lightning_module.trainer.global_step + 1)  # (about to start the next)
+        return out
 
     @torch.no_grad()
     def reduce_gradients(self, params: Iterable[Tensor]) -> None:

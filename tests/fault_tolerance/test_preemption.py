@@ -38,7 +38,9 @@ def _fit(world: int, ckpt_dir: Path, callbacks: list, ckpt_path: str | None = No
     model = GPT(**{**TINY, "dropout": 0.1}, **OPTIM)
     strategy = lightning_par.PipelineParallelStrategy(pipeline_parallel_size=2, num_microbatches=2)
     ckpt = ShardedCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=100)
-    trainer = quiet_trainer(strategy, world, max_steps=STEPS, callbacks=[ckpt, *callbacks])
+    trainer = quiet_trainer(
+        strategy, world, max_steps=STEPS, callbacks=[ckpt, *callbacks], enable_checkpointing=True
+    )
     data = DataLoader(FixedBatches(96, 16, TINY["vocab_size"]), batch_size=4, shuffle=True)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     h = hashlib.sha256()
