@@ -76,6 +76,14 @@ class GlobalBatchSize(L.Callback):
         for name, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size)):
             if not _is_positive_int(value):
                 raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= 1.")
+        if global_batch_size % micro_batch_size:
+            # Known before any process starts; the multiple of micro x dp is checked at setup.
+            valid = [micro_batch_size * k for k in range(1, 5)]
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size="
+                f"{micro_batch_size}: a step is a whole number of micro-batches; valid global batch sizes "
+                f"include {valid}."
+            )
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.rampup = _check_rampup(rampup, global_batch_size)

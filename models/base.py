@@ -2,8 +2,9 @@
 
 The strategy's pipeline runner, when the network is split into stages; the logged training loss (a
 token-weighted mean over every data-parallel replica, not a mean of means); the model and layout handed to
-the loggers at the start of fit; and AdamW with linear warmup and cosine decay, weight decay on matrices
-only. Subclasses set ``config`` (a dataclass) and the hyper-parameters ``learning_rate``, ``min_lr_ratio``,
+the loggers at the start of fit; and AdamW with linear warmup and cosine decay (or, when the run has no
+finite step count and no ``lr_decay_steps``, warmup then a constant rate), weight decay on matrices only.
+Subclasses set ``config`` (a dataclass) and the hyper-parameters ``learning_rate``, ``min_lr_ratio``,
 ``weight_decay``, ``betas``, ``warmup_steps`` and ``lr_decay_steps``.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -59,14 +61,32 @@ class ParallelModule(L.LightningModule):
         ]
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warmup, then cosine decay over ``lr_decay_steps`` (default: the run's steps).
+
+        A run bounded only by time (``Trainer(max_time=..., max_steps=-1, max_epochs=-1)``) has no step
+        count to decay over: without ``lr_decay_steps`` the rate stays at ``learning_rate`` after warmup
+        (with a warning), since a cosine needs to know where it ends.
+        """
         hp = self.hparams
         optimizer = torch.optim.AdamW(
             self._param_groups(), lr=hp.learning_rate, betas=tuple(hp.betas), foreach=True
         )
-        total = hp.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        total = hp.lr_decay_steps
+        if not total:
+            estimated = self.trainer.estimated_stepping_batches
+            if math.isfinite(estimated):
+                total = max(1, int(estimated))
+        if total:
+            schedule = warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
+        else:
+            rank_zero_warn(
+                "The trainer has no finite number of steps (max_steps=-1 and max_epochs=-1, e.g. a run bounded "
+                f"by max_time) and lr_decay_steps={hp.lr_decay_steps}: the learning rate warms up over "
+                f"warmup_steps={hp.warmup_steps} and then stays at learning_rate={hp.learning_rate}. Set "
+                "lr_decay_steps for a cosine decay."
+            )
+            schedule = warmup_constant(hp.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -78,5 +98,16 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
             return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to 1 (the same ramp as :func:`warmup_cosine`), then 1: for runs without a step count."""
+
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return 1.0
 
     return fn

@@ -26,11 +26,15 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_par.experts.layer import STAT_FIELDS
 from lightning_par.initialization import fill_parameters
+from lightning_par.tensor_parallel.comm import TPInfo
 from lightning_par.tensor_parallel.styles import ColumnParallel, Replicated, RowParallel, VocabParallel
 
 
 class GPT(ParallelModule):
-    """GPT-2 causal LM. Batches: ``{"input_ids": [B, T], "labels": [B, T]}`` (labels aligned, -100 ignored)."""
+    """GPT-2 causal LM. Batches: ``{"input_ids": [B, T], "labels": [B, T]}`` (labels aligned, -100 ignored).
+
+    ``predict`` also takes batches without labels, or plain ``[B, T]`` tensors of token ids.
+    """
 
     def __init__(
         self,
@@ -74,7 +78,9 @@ class GPT(ParallelModule):
             learning_rate: peak AdamW learning rate, reached after ``warmup_steps``.
             min_lr_ratio: the cosine schedule decays to ``learning_rate * min_lr_ratio``.
             weight_decay: applied to matrices only (not to biases, LayerNorm or position embeddings).
-            lr_decay_steps: length of the cosine decay; defaults to the trainer's total steps.
+            lr_decay_steps: length of the cosine decay; defaults to the trainer's total steps. A run
+                without a finite step count (``max_steps=-1, max_epochs=-1``, bounded by ``max_time``) and
+                without ``lr_decay_steps`` keeps ``learning_rate`` after warmup (with a warning).
             init_seed: seed of the weight initialisation; defaults to the global seed at construction
                 (``L.seed_everything``), so every layout starts from the same weights.
             hf_checkpoint: a local Hugging Face GPT-2 directory to load instead of random weights.
@@ -204,8 +210,46 @@ class GPT(ParallelModule):
         aux = self.model.pop_aux_loss()  # MoE load-balancing and z losses (training only)
         return (loss_sum if aux is None else loss_sum + aux), num_tokens
 
+    def check_batch(self, input_ids: Tensor, labels: Tensor | None = None) -> None:
+        """Raise, naming the value and what is valid, before a batch reaches the network.
+
+        Without it a token id outside the vocabulary ends in ``IndexError: index out of range in self`` (a
+        device-side assert on CUDA; under pipeline parallel on the first stage only, while the other ranks
+        wait), and labels of another shape in cross-entropy's batch-size message. Cost: the shape checks are
+        free; the id range costs ``ids.min()`` and ``ids.max()`` (two reductions over ``[B, T]``) and one
+        host read per batch (a device sync on GPU), paid only in the steps where a bad id would crash.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: it must be [batch, sequence] (2 dimensions)."
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids has dtype {input_ids.dtype}: it must hold integer token ids.")
+        if input_ids.shape[1] > self.config.block_size:
+            raise ValueError(
+                f"input_ids: sequence length {input_ids.shape[1]} exceeds block_size={self.config.block_size}; "
+                f"use sequences of at most {self.config.block_size} tokens."
+            )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)} but input_ids has shape {tuple(input_ids.shape)}: "
+                "labels must be aligned with input_ids (the same [batch, sequence] shape; the model shifts "
+                "them), with -100 at ignored positions."
+            )
+        if input_ids.numel() == 0:
+            return
+        n = self.config.vocab_size
+        # Two reductions and one host read (a sync on GPU): what replacing the embedding's crash costs.
+        lo, hi = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+        if lo < 0 or hi >= n:
+            value = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids holds the token id {value}, outside the valid range 0..{n - 1} (vocab_size={n})."
+            )
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """The batch's token-mean loss, with its token count (the strategy weights micro-batches by it)."""
+        self.check_batch(batch["input_ids"], batch["labels"])
         out = self._training_output(*self._loss(batch))
         if self.config.num_experts:
             self._log_moe_statistics()
@@ -237,6 +281,7 @@ class GPT(ParallelModule):
                 self.log(f"{prefix}/tokens_expert{e}", load[e])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.check_batch(batch["input_ids"], batch["labels"])
         loss_sum, num_tokens = self._loss(batch)
         self.val_loss.update(loss_sum.detach(), num_tokens)
 
@@ -254,6 +299,33 @@ class GPT(ParallelModule):
         self.log("test/loss", loss)
         self.log("test/ppl", torch.exp(loss))
         self.val_loss.reset()
+
+    def predict_step(self, batch: dict[str, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        """Logits over the whole vocabulary, ``[B, T, vocab_size]``, as a Hugging Face model's ``logits``.
+
+        ``batch`` is a dict with ``input_ids`` (``labels`` optional, unused) or a ``[B, T]`` tensor of ids
+        (or a one-element list / tuple of it, as a ``TensorDataset`` loader gives). The vocabulary slices
+        are gathered over tp and the padded rows dropped, on every rank of every layout (under pipeline
+        parallel the stages run forward only and every rank receives the last stage's logits).
+        """
+        input_ids = _predict_ids(batch)
+        self.check_batch(input_ids)  # labels, when the batch has them, are not used here
+        logits = gather_vocab(self(input_ids), self._vocab_info())
+        return logits[..., : self.config.vocab_size].contiguous()  # not a view holding the padded rows
+
+    def _vocab_info(self) -> TPInfo | None:
+        """How the logits are split over the vocabulary (``None``: not split), also on ranks without the head.
+
+        Under pipeline parallel every rank receives the last stage's logits: its own tp rank's slice, so it
+        gathers over the same tp group as the head.
+        """
+        assert self.model is not None
+        if self.model.head is not None:
+            return self.model.head.tp
+        if self.model.embed is not None:
+            return self.model.embed.wte.tp
+        layer = next(iter(self.model.layers.values()), None)
+        return layer.tp_info() if layer is not None else None
 
     def flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs per trained token (forward + backward): 6 x matmul parameters + attention.
@@ -320,8 +392,26 @@ class GPT(ParallelModule):
         return ids
 
 
+def _predict_ids(batch: Any) -> Tensor:
+    """The token ids of a predict batch: ``batch["input_ids"]``, the tensor itself, or ``batch[0]``."""
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise ValueError(
+                f"the predict batch is a dict with keys {sorted(batch)}: it needs 'input_ids' ([B, T] token ids)."
+            )
+        return batch["input_ids"]
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and len(batch) == 1 and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise ValueError(
+        f"the predict batch is a {type(batch).__name__}: give a dict with 'input_ids', a [B, T] tensor of "
+        "token ids, or a one-element list or tuple of it."
+    )
+
+
 def gather_vocab(logits: Tensor, info: Any) -> Tensor:
-    """Concatenate vocabulary slices over tp (only for sampling and tests: training never does this)."""
+    """Concatenate vocabulary slices over tp (for sampling and predict only: training never does this)."""
     if info is None:
         return logits
     parts = [torch.empty_like(logits) for _ in range(info.size)]
