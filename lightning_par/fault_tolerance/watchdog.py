@@ -8,8 +8,8 @@ this watchdog for the training loop: a rank whose step raises writes its message
 that message under its own rank and ends its process.
 
 Hangs: a rank that stops making progress without raising (stuck in a collective, a deadlocked data
-loader, an endless loop) is found the same way. With ``hang_timeout`` set, the strategy marks progress at
-every step; a rank whose last mark is older than the time-out writes where its main thread is (its
+loader, an endless loop) is found the same way. With ``hang_timeout`` set, the strategy marks progress
+after every training, validation and optimizer step; a rank whose last mark is older than the time-out writes where its main thread is (its
 step, its Python stack, and whether it is waiting inside ``torch.distributed``) to the store. Every rank
 does so at about the same time (the others wait for the stuck one in their collectives), so after a short
 grace each rank names the *suspects*: the ranks not waiting for a peer (or that wrote nothing at all),

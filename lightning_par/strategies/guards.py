@@ -4,7 +4,8 @@ The strategy arms these at ``on_train_start`` and disarms them at the end of fit
 
 * :class:`~lightning_par.fault_tolerance.watchdog.FailureWatchdog`: a rank that raises ends the others
   with its message; with ``hang_timeout``, a rank that stops making progress ends the run with the stuck
-  rank's step and stack (progress is marked at every step's start and end);
+  rank's step and stack (progress is marked after each training step, validation step and optimizer
+  step);
 * :class:`~lightning_par.strategies.lightning_patches.DeferredSigtermCheck` under pipeline parallel.
 """
 
