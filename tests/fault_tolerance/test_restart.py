@@ -1,5 +1,6 @@
 """torchrun restarts that resume bitwise: a rank killed at a step start, between checkpoints and inside a
-save; the run ends with every rank's parameters and optimizer state bitwise those of an uninterrupted run.
+save (and under the asynchronous saver); the run ends with every rank's parameters and optimizer state
+bitwise those of an uninterrupted run.
 
 Each scenario is one torchrun job (the uninterrupted reference another). Dropout is on and the data are
 shuffled, so any difference in the restored RNG, data position or state shows in the hashes.
@@ -57,8 +58,10 @@ def restart_seconds(files: dict, attempt: int) -> float:
         # Killed inside the save after step 4 (shards written, not renamed): attempt 1 resumes from step 2;
         # then killed at the start of step 5: attempt 2 resumes from step 4.
         ("tp2_pp2", 4, "save:2:4@0,start:1:5@1", 2, {1: 2, 2: 4}),
-        # Killed at step 3, between the checkpoints of steps 2 and 4: resumes from step 2.
-        ("dp2_ep2", 2, "start:0:3@0", 1, {1: 2}),
+        # Asynchronous saves: a checkpoint becomes visible (renamed into place) when the next save starts.
+        # Killed at step 5, between the checkpoints of steps 4 and 6, while last.ckpt of step 4 is still
+        # being written: it never appears, and the job resumes from the last of step 2.
+        ("dp2_ep2", 2, "start:0:5@0", 1, {1: 2}),
     ],
 )
 def test_killed_rank_restarts_and_resumes_bitwise(tmp_path, layout, nproc, kills, restarts, resumed):

@@ -34,8 +34,9 @@ from tests.parity import OPTIM, TINY, FixedBatches  # noqa: E402
 
 STEPS = 8
 LAYOUTS = {
-    "tp2_pp2": (dict(tensor_parallel_size=2, pipeline_parallel_size=2, num_microbatches=2), {}),
-    "dp2_ep2": (dict(data_parallel_size=2, expert_parallel_size=2), dict(num_experts=4, moe_top_k=2)),
+    # layout: (strategy, model, ShardedCheckpoint(async_save=...))
+    "tp2_pp2": (dict(tensor_parallel_size=2, pipeline_parallel_size=2, num_microbatches=2), {}, False),
+    "dp2_ep2": (dict(data_parallel_size=2, expert_parallel_size=2), dict(num_experts=4, moe_top_k=2), True),
 }
 
 
@@ -104,9 +105,15 @@ def state_hash(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str
 
 def main(out: Path, layout: str, kill: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    strategy_kw, model_kw = LAYOUTS[layout]
+    strategy_kw, model_kw, async_save = LAYOUTS[layout]
     callbacks: list[L.Callback] = [
-        ShardedCheckpoint(dirpath=str(out / "ckpt"), every_n_train_steps=2, save_last=True, save_top_k=-1),
+        ShardedCheckpoint(
+            dirpath=str(out / "ckpt"),
+            every_n_train_steps=2,
+            save_last=True,
+            save_top_k=-1,
+            async_save=async_save,
+        ),
         Timing(out),
     ]
     for spec in kill.split(",") if kill else []:
