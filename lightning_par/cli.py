@@ -2,7 +2,9 @@
 
 ``lightning-par fit --config configs/gpt_tp.yaml --trainer.max_steps 20 --model.n_layer 2`` trains from a
 YAML file with command-line overrides; ``--print_config`` prints a complete config that runs as is.
-``lightning-par export-hf CKPT_DIR OUT_DIR`` writes a Hugging Face directory from a sharded checkpoint.
+``lightning-par export-hf CKPT_DIR OUT_DIR`` writes a Hugging Face directory from a sharded checkpoint;
+``lightning-par consolidate CKPT_DIR OUT.ckpt [--no-optimizer] [--model CLASS]`` one ordinary Lightning
+checkpoint file (for ``Trainer(strategy="auto")``, ``load_from_checkpoint``, ``torch.load``).
 Importing ``lightning_par`` first registers the strategy names (``strategy: tp``) with Lightning.
 """
 
@@ -43,11 +45,51 @@ def export_hf_main(args: list[str]) -> None:
     print(f"wrote {out}")
 
 
+def consolidate_main(args: list[str]) -> None:
+    """``lightning-par consolidate CKPT_DIR OUT.ckpt``: one process, no training layout needed."""
+    import argparse
+
+    import lightning_par.models  # noqa: F401  (so the classes LightningCLI runs record are imported)
+    from lightning_par.checkpoint.consolidate import consolidate
+    from lightning_par.checkpoint.safe import UnsafeCheckpointError
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-par consolidate",
+        description="Write one ordinary Lightning checkpoint file (whole tensors, one-process parameter "
+        "names and optimizer state) from a sharded checkpoint of any layout.",
+    )
+    parser.add_argument(
+        "checkpoint_dir", help="a checkpoint directory written by the strategy (e.g. last.ckpt)"
+    )
+    parser.add_argument("out_file", help="the new checkpoint file (an existing file is refused)")
+    parser.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="weights and loop counters only, like save_weights_only=True (load_from_checkpoint reads it; "
+        "fit(ckpt_path=...) does not)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the LightningModule class, e.g. lightning_par.models.GPT (default: the class a LightningCLI "
+        "run recorded in the checkpoint)",
+    )
+    ns = parser.parse_args(args)
+    try:
+        out = consolidate(ns.checkpoint_dir, ns.out_file, optimizer=not ns.no_optimizer, module=ns.model)
+    except (FileExistsError, FileNotFoundError, ValueError, UnsafeCheckpointError) as err:
+        parser.error(str(err))  # exit status 2 with the reason, no traceback
+    print(f"wrote {out}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI on ``args`` (default: ``sys.argv[1:]``)."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export-hf":
         export_hf_main(argv[1:])
+        return
+    if argv and argv[0] == "consolidate":
+        consolidate_main(argv[1:])
         return
     ParallelCLI(
         L.LightningModule,
