@@ -11,6 +11,7 @@ Every variant trains the same GPT through ``lightning.Trainer`` (AdamW, no clipp
 * ``tp2_chunk2``: the same with ``tp_comm_chunks=2`` (the batch split in two inside the blocks, so one
   half's forward all-reduce runs while the other half computes), to show what that overlap buys here;
 * ``tp2_sp``: the same with sequence parallel;
+* ``tp2_nonfinite_off``: ``tp2`` without the per-step NaN/Inf check (``nonfinite="off"``): what it costs;
 * ``lightning_mp``: Lightning's own ``ModelParallelStrategy`` with torch's DTensor ``ColwiseParallel`` /
   ``RowwiseParallel`` on the attention and MLP linears (embedding and head replicated).
 
@@ -125,6 +126,8 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
         strategy = "auto"
     elif name == "tp2":
         strategy = lightning_par.TensorParallelStrategy(tensor_parallel_size=2)
+    elif name == "tp2_nonfinite_off":  # what the per-step NaN/Inf check costs, side by side with tp2
+        strategy = lightning_par.TensorParallelStrategy(tensor_parallel_size=2, nonfinite="off")
     elif name == "tp2_chunk2":
         strategy = lightning_par.TensorParallelStrategy(tensor_parallel_size=2, tp_comm_chunks=2)
     elif name == "tp2_sp":
