@@ -31,7 +31,7 @@ from lightning_par.data.loader import prepare_loader
 from lightning_par.distributed.groups import ParallelGroups
 from lightning_par.distributed.layout import ParallelLayout, check_sizes, default_backend
 from lightning_par.fault_tolerance.nonfinite import NonFiniteCheck
-from lightning_par.fault_tolerance.restart import init_elastic_process_group
+from lightning_par.fault_tolerance.restart import check_external_launch, init_elastic_process_group
 from lightning_par.optim.gradients import StepTokens, optimizer_params
 from lightning_par.parallelize import Parallelized, parallelize
 from lightning_par.pipeline.runner import PipelineRunner
@@ -175,7 +175,8 @@ class HybridParallelStrategy(ModelParallelStrategy):
         return self.parallelized.pipeline if self.parallelized is not None else None
 
     def _configure_launcher(self) -> None:
-        # Runs inside Trainer(...): check the layout before any process is started.
+        # Runs inside Trainer(...): check the launch and the layout before any process is started.
+        check_external_launch(self.cluster_environment, self.num_processes, self.num_nodes)
         self.layout = self._resolve_layout()
         super()._configure_launcher()
 

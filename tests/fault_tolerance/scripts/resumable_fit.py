@@ -2,7 +2,8 @@
 
 Launched by tests/fault_tolerance/test_restart.py as
 ``torchrun --nproc-per-node N --max-restarts R resumable_fit.py OUT LAYOUT [KILLS]`` where ``KILLS`` is a
-comma-separated list of ``start:RANK:STEP@ATTEMPT`` (SIGKILL at the start of that step) and
+comma-separated list of ``start:RANK:STEP@ATTEMPT`` (SIGKILL at the start of that step),
+``init:RANK:0@ATTEMPT`` (SIGKILL before ``fit``, while the others wait in ``init_process_group``) and
 ``save:RANK:STEP@ATTEMPT`` (SIGKILL inside the save after that step, once the shards are written and
 before the rename), each on the given restart attempt only. Dropout is on and the data
 are shuffled, so a resume that is not exact shows in the hashes. ``fit(ckpt_path="last")`` trains from
@@ -119,6 +120,8 @@ def main(out: Path, layout: str, kill: str | None) -> None:
     for spec in kill.split(",") if kill else []:
         where, rank, rest = spec.split(":")
         step, on_attempt = (int(x) for x in rest.split("@"))
+        if where == "init" and attempt() == on_attempt and int(os.environ["RANK"]) == int(rank):
+            die(out, int(rank), "before fit")  # (the others wait for it in init_process_group)
         if where == "start":
             callbacks.append(KillAtStepStart(out, int(rank), step, on_attempt))
         elif attempt() == on_attempt:
