@@ -30,8 +30,8 @@ def test_tp_speed_smoke():
 
 
 def test_pp_speed_smoke():
-    out = _smoke("pp_speed.py", "--schedules", "1f1b,zbv")
-    assert "pp=2 1f1b" in out and "pp=2 zbv" in out
+    out = _smoke("pp_speed.py", "--schedules", "zbv")  # (every schedule's numbers: tests/pipeline)
+    assert "pp=2 zbv" in out
 
 
 def test_ep_speed_smoke():

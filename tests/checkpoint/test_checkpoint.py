@@ -6,7 +6,6 @@ step 4 resumes at an epoch boundary.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -241,65 +240,6 @@ def test_crafted_checkpoint_files_are_refused_and_run_nothing(tmp_path):
         assert outcome != "loaded", f"a crafted {file} was loaded"
     assert "UnsafeCheckpointError" in results[".metadata"][0]
     assert "UnsafeCheckpointError" in results["meta.pt"][0]
-
-
-def _killed_save(rank: int, world: int, tmp: str) -> None:
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    original = FileSystemWriter.write_data
-    saves = [0]
-
-    def write_data(self, plan, planner):
-        saves[0] += 1
-        if saves[0] == 2 and rank == 1:
-            os._exit(1)  # the second save dies half-way on one rank
-        return original(self, plan, planner)
-
-    FileSystemWriter.write_data = write_data
-    kw, _ = LAYOUTS["tp2"]
-    L.seed_everything(SEED, verbose=False)
-    trainer = quiet_trainer(
-        lightning_par.HybridParallelStrategy(**kw),
-        world,
-        max_steps=TOTAL,
-        callbacks=[ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=2, save_top_k=0)],
-        enable_checkpointing=True,
-    )
-    data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"])
-    trainer.fit(GPT(**MODEL, **OPTIM), DataLoader(data, batch_size=GLOBAL_BATCH))
-
-
-def _resume_last(rank: int, world: int, tmp: str) -> int:
-    kw, _ = LAYOUTS["tp2"]
-    L.seed_everything(SEED, verbose=False)
-    trainer = quiet_trainer(
-        lightning_par.HybridParallelStrategy(**kw),
-        world,
-        max_steps=3,
-        callbacks=[ModelCheckpoint(dirpath=tmp, save_last=True, every_n_train_steps=100, save_top_k=0)],
-        enable_checkpointing=True,
-    )
-    data = FixedBatches(GLOBAL_BATCH * SAVE_AT, TINY["block_size"], TINY["vocab_size"])
-    start = []
-
-    class First(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            start.append(trainer.global_step)
-
-    trainer.callbacks.append(First())
-    trainer.fit(GPT(**MODEL, **OPTIM), DataLoader(data, batch_size=GLOBAL_BATCH), ckpt_path="last")
-    return start[0]
-
-
-def test_a_save_killed_midway_leaves_last_loadable(tmp_path):
-    with pytest.raises(RuntimeError):
-        run_distributed(_killed_save, 2, str(tmp_path), init_process_group=False, timeout=120)
-    assert (tmp_path / "last.ckpt" / "meta.pt").is_file()
-    assert list(tmp_path.glob(".last.ckpt.partial-*")), (
-        "the killed save should have left its partial directory"
-    )
-    first_steps = run_distributed(_resume_last, 2, str(tmp_path), init_process_group=False)
-    assert first_steps == [2, 2]  # resumed after the first (complete) save, at step 2
 
 
 # ---- asynchronous saves -----------------------------------------------------------------------------

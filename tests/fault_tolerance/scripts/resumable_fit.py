@@ -4,8 +4,8 @@ Launched by tests/fault_tolerance/test_restart.py as
 ``torchrun --nproc-per-node N --max-restarts R resumable_fit.py OUT LAYOUT [KILLS]`` where ``KILLS`` is a
 comma-separated list of ``start:RANK:STEP@ATTEMPT`` (SIGKILL at the start of that step),
 ``init:RANK:0@ATTEMPT`` (SIGKILL before ``fit``, while the others wait in ``init_process_group``) and
-``save:RANK:STEP@ATTEMPT`` (SIGKILL inside the save after that step, once the shards are written and
-before the rename), each on the given restart attempt only. Dropout is on and the data
+``save:RANK:STEP@ATTEMPT`` (SIGKILL inside the save after that step, while that rank writes its
+shards), each on the given restart attempt only. Dropout is on and the data
 are shuffled, so a resume that is not exact shows in the hashes. ``fit(ckpt_path="last")`` trains from
 scratch when there is no checkpoint yet, as a user's script would.
 """
@@ -30,10 +30,9 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_par  # noqa: E402
-import lightning_par.checkpoint.sharded as sharded  # noqa: E402
 from tests.parity import OPTIM, TINY, FixedBatches  # noqa: E402
 
-STEPS = 8
+STEPS = 6
 LAYOUTS = {
     # layout: (strategy, model, ShardedCheckpoint(async_save=...))
     "tp2_pp2": (dict(tensor_parallel_size=2, pipeline_parallel_size=2, num_microbatches=2), {}, False),
@@ -61,15 +60,17 @@ class KillAtStepStart(L.Callback):
 
 
 def kill_inside_save(out: Path, rank: int, step: int) -> None:
-    """SIGKILL on ``rank`` once the shards of the save after ``step`` are written, before the rename."""
-    commit = sharded._commit
+    """SIGKILL on ``rank`` while it writes its shards of the save after ``step`` (before any rename)."""
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    def commit_or_die(path, partial, r):
-        if r == rank and path.name == f"epoch=0-step={step}.ckpt":
+    write_data = FileSystemWriter.write_data
+
+    def write_or_die(self, plan, planner):
+        if int(os.environ["RANK"]) == rank and f"epoch=0-step={step}.ckpt" in str(self.path):
             die(out, rank, f"inside the save after step {step}")
-        return commit(path, partial, r)
+        return write_data(self, plan, planner)
 
-    sharded._commit = commit_or_die
+    FileSystemWriter.write_data = write_or_die
 
 
 class Timing(L.Callback):
