@@ -322,9 +322,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
             params = list(optimizer_params(optimizer))
             self.reduce_gradients(params)
             self._norm_cache = None
-            if self._nonfinite.policy != "off" and not getattr(self.precision_plugin, "scaling", False):
-                # (fp16 loss scaling has its own overflow rule.) The norm is kept for clipping.
-                self._nonfinite.check_step(self.global_grad_norm(params), result, self.lightning_module)
+            if not getattr(self.precision_plugin, "scaling", False):  # (fp16 scaling: its own overflow rule)
+                norm = lambda: self.global_grad_norm(params)  # noqa: E731  (reused by clipping)
+                self._nonfinite.check_step(result, self.lightning_module, norm)
             return result
 
         out = super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)

@@ -1,9 +1,13 @@
-"""NaN/Inf on one rank: found by one flag reduced over the world. ``stop`` names the rank and what was
-non-finite on every rank at the same step; ``skip`` drops the step on every rank (tp2 x pp2, one spawn)."""
+"""NaN/Inf on one rank (tp2 x pp2, one spawn). ``stop`` with clipping: every rank stops at the same step
+naming the rank and what was non-finite (the agreed gradient norm); ``stop`` without clipping: the rank
+that sees it raises and the failure watchdog ends the others with its message; ``skip`` drops the step on
+every rank."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -39,23 +43,23 @@ class InjectNaN(L.Callback):
         self.hashes.append(h.hexdigest())
 
 
-def _fit(policy: str, rank: int, world: int) -> tuple[InjectNaN, L.Trainer]:
+def _fit(policy: str, rank: int, world: int, clip: float | None = None) -> tuple[InjectNaN, L.Trainer]:
     L.seed_everything(SEED, verbose=False)
     strategy = lightning_par.HybridParallelStrategy(
         tensor_parallel_size=2, pipeline_parallel_size=2, num_microbatches=2, nonfinite=policy
     )
     inject = InjectNaN(rank, 1)
-    trainer = quiet_trainer(strategy, world, max_steps=3, callbacks=[inject])
+    trainer = quiet_trainer(strategy, world, max_steps=3, callbacks=[inject], gradient_clip_val=clip)
     data = DataLoader(FixedBatches(48, 16, TINY["vocab_size"]), batch_size=4)
     trainer.fit(GPT(**TINY, **OPTIM), data)
     return inject, trainer
 
 
-def _runs(rank: int, world: int) -> dict:
+def _runs(rank: int, world: int, tmp: str) -> None:
     out: dict = {}
-    # stop: a NaN on rank 3 (second tp rank of the last stage) stops every rank at step 1.
+    # stop, clipping on: a NaN on rank 3 (second tp rank of the last stage) stops every rank at step 1.
     try:
-        _fit("stop", 3, world)
+        _fit("stop", 3, world, clip=1.0)
         out["stop"] = None
     except NonFiniteError as err:
         out["stop"] = str(err)
@@ -64,12 +68,27 @@ def _runs(rank: int, world: int) -> dict:
     out["hashes"] = inject.hashes
     out["skipped"] = trainer.strategy._nonfinite.skipped_steps
     out["step"] = trainer.global_step
-    return out
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
+    # stop, no clipping (no collective of its own): rank 2 raises, the watchdog ends the others.
+    try:
+        _fit("stop", 2, world)
+    except NonFiniteError as err:
+        Path(tmp, f"local{rank}.txt").write_text(str(err))
+        raise
 
 
-def test_nan_on_one_rank_stops_every_rank_naming_it_and_skip_drops_the_step_everywhere():
-    results = run_distributed(_runs, 4, init_process_group=False, timeout=240)
-    for r, res in enumerate(results):
+def test_nan_on_one_rank_stops_or_skips_on_every_rank(tmp_path):
+    with pytest.raises(RuntimeError) as failed:
+        run_distributed(_runs, 4, str(tmp_path), init_process_group=False, timeout=240)
+    # The local check: rank 2 raised (and wrote its message); the others were ended, by the failure
+    # watchdog or by a pipeline peer's closed connection, without raising it themselves.
+    assert "failed" in str(failed.value)
+    raised = {p.name for p in tmp_path.glob("local*.txt")}
+    assert raised == {"local2.txt"}, raised
+    local = (tmp_path / "local2.txt").read_text()
+    assert "non-finite values at step 1: rank 2: gradient (first parameter: model." in local, local
+    for r in range(4):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert res["stop"] is not None, f"rank {r} did not stop"
         assert "non-finite values at step 1: rank 3: gradient (first parameter: model." in res["stop"], res[
             "stop"
