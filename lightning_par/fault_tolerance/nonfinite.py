@@ -40,17 +40,28 @@ class NonFiniteCheck:
         self.policy = policy
         self.skipped_steps = 0
 
-    def check_step(self, result: object, module: Any, agreed_norm: Callable[[], Tensor]) -> None:
-        """After a step's gradient reduction; ``agreed_norm()`` is the step's global gradient norm."""
+    def check_step(
+        self,
+        result: object,
+        module: Any,
+        agreed_norm: Callable[[], Tensor],
+        named: Iterable[tuple[str, Tensor]] | None = None,
+    ) -> None:
+        """After a step's gradient reduction; ``agreed_norm()`` is the step's global gradient norm.
+
+        ``named``: the tensors whose ``.grad`` the optimizer steps, by name (default: the module's
+        parameters; the distributed optimizer's pieces hold the reduced gradients instead).
+        """
         if self.policy == "off":
             return
         trainer = module.trainer
         clipping = bool(trainer.gradient_clip_val) and (trainer.gradient_clip_algorithm or "norm") == "norm"
         loss = result if isinstance(result, Tensor) else None
         step = trainer.global_step
+        named = list(named if named is not None else module.named_parameters())
         if self.policy == "stop" and not clipping:
-            self._check_locally(loss, module.named_parameters(), step)
-        elif self(agreed_norm(), loss, module.named_parameters(), step):
+            self._check_locally(loss, named, step)
+        elif self(agreed_norm(), loss, named, step):
             module.log("train/skipped_nonfinite_steps", float(self.skipped_steps))
 
     def _check_locally(

@@ -124,9 +124,17 @@ class GradientSync:
         for p in params:
             if p.grad is None or id(p) in self.norm_duplicates:
                 continue
-            kind = 0 if isinstance(p.grad, DTensor) and not is_replicated_dtensor(p.grad) else 1
-            parts[kind + (2 if id(p) in self.expert_ids else 0)].append(local(p.grad))
-        sq = torch.stack([sum_squares(part, device) for part in parts])
+            parts[self.norm_kind(p)].append(local(p.grad))
+        return self.combine_squares(torch.stack([sum_squares(part, device) for part in parts])).sqrt()
+
+    def norm_kind(self, p: Tensor) -> int:
+        """Where ``p``'s squares go in :meth:`combine_squares`: dense/expert x tp-sharded/replicated."""
+        kind = 0 if isinstance(p, DTensor) and not is_replicated_dtensor(p) else 1
+        return kind + (2 if id(p) in self.expert_ids else 0)
+
+    def combine_squares(self, sq: Tensor) -> Tensor:
+        """The squared global norm from this rank's ``[dense sharded, dense replicated, expert sharded,
+        expert replicated]`` sums of squares (already complete over data-parallel replicas)."""
         if self.tp is not None:
             # 0 * replicated adds nothing to a finite norm (bitwise) but carries a NaN/Inf of a replicated
             # gradient on one tp rank to all of them: a non-finite norm is then agreed by every rank.
@@ -139,7 +147,7 @@ class GradientSync:
         total = sq[0] + sq[1] + expert
         if self.pp is not None:
             dist.all_reduce(total, group=self.pp)
-        return total.sqrt()
+        return total
 
 
 class StepTokens:

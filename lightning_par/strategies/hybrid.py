@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,23 +25,24 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics import Metric
 
-from lightning_par.checkpoint.sharded import load_sharded, save_sharded
 from lightning_par.data.loader import prepare_loader
 from lightning_par.distributed.groups import ParallelGroups
 from lightning_par.distributed.layout import ParallelLayout, check_sizes, default_backend
 from lightning_par.fault_tolerance.nonfinite import NonFiniteCheck
 from lightning_par.fault_tolerance.restart import check_external_launch, init_elastic_process_group
+from lightning_par.optim.distributed import DistributedOptimizer
 from lightning_par.optim.gradients import StepTokens, optimizer_params
 from lightning_par.parallelize import Parallelized, parallelize
 from lightning_par.pipeline.runner import PipelineRunner
 from lightning_par.pipeline.schedules import PipelineConfig, check_schedule, stages_per_rank
 from lightning_par.pipeline.step import GradientStash, check_no_accumulation
 from lightning_par.protocols import check_protocol
+from lightning_par.strategies.checkpointing import ShardedCheckpointIO
 from lightning_par.strategies.guards import RunGuards
 from lightning_par.strategies.precision import ExactClipping, require_exact_clipping, with_exact_clipping
 
 
-class HybridParallelStrategy(ModelParallelStrategy):
+class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
     """Tensor (+ sequence), pipeline, expert and data parallelism on one DeviceMesh, for protocol models.
 
     Args:
@@ -66,6 +66,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         expert_parallel_size: ranks that split each mixture-of-experts layer's experts, carved out of the
             data-parallel replicas (it must divide ``data_parallel_size``; see
             :class:`~lightning_par.distributed.layout.ParallelLayout`). ``None``: all of them (``ep = dp``).
+        distributed_optimizer: shard the optimizer state (and fp32 master weights of bf16/fp16 parameters)
+            over the data-parallel replicas, experts over theirs: gradients are reduce-scattered, each
+            replica steps its range, parameters are all-gathered (ZeRO-1; see
+            :mod:`lightning_par.optim.distributed`).
         hang_timeout: seconds without progress (a step neither started nor finished) after which the run
             ends with the stuck rank's step and Python stack (``None``: no hang detection).
         nonfinite: a NaN/Inf loss or gradient on any rank: ``"stop"`` (raise on every rank, naming them),
@@ -85,6 +89,7 @@ class HybridParallelStrategy(ModelParallelStrategy):
         virtual_pipeline_size: int | None = None,
         pipeline_stage_boundaries: list[int] | None = None,
         expert_parallel_size: int | None = 1,
+        distributed_optimizer: bool = False,
         hang_timeout: float | None = 300.0,
         nonfinite: str = "stop",
         process_group_backend: str | None = None,
@@ -117,6 +122,9 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self._microbatches_arg = num_microbatches
         self.virtual_pipeline_size = virtual_pipeline_size
         self.pipeline_stage_boundaries = pipeline_stage_boundaries
+        self.distributed_optimizer = distributed_optimizer
+        self.distributed_optimizers: dict[int, DistributedOptimizer] = {}
+        """The distributed optimizer of each (raw) optimizer, by ``id``."""
         self.layout: ParallelLayout | None = None
         self.groups: ParallelGroups | None = None
         """Every process group of the run (built in ``setup_environment``)."""
@@ -261,6 +269,10 @@ class HybridParallelStrategy(ModelParallelStrategy):
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            if self.distributed_optimizer:
+                sync = self.parallelized.grad_sync
+                dist_opts = [DistributedOptimizer(o, module, sync) for o in self._raw_optimizers()]
+                self.distributed_optimizers = {id(d.optimizer): d for d in dist_opts}
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -320,28 +332,39 @@ class HybridParallelStrategy(ModelParallelStrategy):
         def closure_and_reduce() -> Any:
             result = closure()
             params = list(optimizer_params(optimizer))
-            self.reduce_gradients(params)
+            self.reduce_gradients(params, dist_opt)
             self._norm_cache = None
             if not getattr(self.precision_plugin, "scaling", False):  # (fp16 scaling: its own overflow rule)
                 norm = lambda: self.global_grad_norm(params)  # noqa: E731  (reused by clipping)
-                self._nonfinite.check_step(result, self.lightning_module, norm)
+                named = dist_opt.named_gradients() if dist_opt is not None else None
+                self._nonfinite.check_step(result, self.lightning_module, norm, named)
             return result
 
+        dist_opt = self.distributed_optimizers.get(id(getattr(optimizer, "_optimizer", optimizer)))
         out = super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
+        if dist_opt is not None:
+            dist_opt.gather_parameters()
         self._guards.progress(self.lightning_module.trainer.global_step + 1)  # (about to start the next)
         return out
 
     @torch.no_grad()
-    def reduce_gradients(self, params: Iterable[Tensor]) -> None:
+    def reduce_gradients(
+        self, params: Iterable[Tensor], dist_opt: DistributedOptimizer | None = None
+    ) -> None:
         """Make every gradient that of the token-weighted mean loss of the whole global batch.
 
         All micro-batches of the step, all replicas: see :class:`~lightning_par.optim.gradients.GradientSync`
-        for which group each kind of parameter is reduced over. One flat bucket per collective.
+        for which group each kind of parameter is reduced over. One flat bucket per collective. With the
+        distributed optimizer, the replicas' sum is its reduce-scatter.
         """
         assert self.groups is not None
         scale = self._tokens.gradient_scale(self.groups.dp, pipelined=self.pipeline is not None)
         named = dict(self.lightning_module.named_parameters()) if self.parallelized.grad_sync.tied else {}
-        self.parallelized.grad_sync.reduce(params, named, scale)
+        if dist_opt is None:
+            self.parallelized.grad_sync.reduce(params, named, scale)
+            return
+        self.parallelized.grad_sync.reduce(dist_opt.model_parameters(), named, None)  # sp, ties
+        dist_opt.reduce_scatter(scale)
 
     def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
         """The gradient norm of the whole (unsharded) model, each parameter counted once (computed once a step)."""
@@ -350,40 +373,11 @@ class HybridParallelStrategy(ModelParallelStrategy):
         params = [p for p in params if p.grad is not None]
         key = tuple(map(id, params))
         if self._norm_cache is None or self._norm_cache[0] != key:
-            self._norm_cache = (key, self.parallelized.grad_sync.norm(params, self.root_device))
+            dist_opt = next((d for d in self.distributed_optimizers.values() if d.owns(params)), None)
+            sync = self.parallelized.grad_sync
+            norm = dist_opt.norm(self.root_device) if dist_opt else sync.norm(params, self.root_device)
+            self._norm_cache = (key, norm)
         return self._norm_cache[1]
-
-    # ---- checkpoints ----------------------------------------------------------------------------------
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        # save_checkpoint reads the shards straight from the module: nothing to gather here.
-        return {}
-
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        return {}
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        """Each rank writes its own shards (atomically: see :mod:`lightning_par.checkpoint`)."""
-        if storage_options is not None:
-            raise TypeError(
-                f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported."
-            )
-        checkpoint.pop("state_dict", None)
-        checkpoint.pop("optimizer_states", None)
-        checkpoint["parallel_layout"] = self.describe_layout()
-        path = Path(self.broadcast(str(filepath)))
-        save_sharded(path, self.lightning_module, self._raw_optimizers(), checkpoint, self.global_rank)
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load a sharded checkpoint written on any layout; nothing in its files is run (see the module)."""
-        path = Path(self.broadcast(str(checkpoint_path)))
-        ties = self.parallelized.tie_groups if self.parallelized is not None else []
-        aliases = {n: names[0] for names in ties for n in names[1:]}
-        return load_sharded(path, self.lightning_module, self._raw_optimizers(), aliases)
-
-    def _raw_optimizers(self) -> list[Optimizer]:
-        return [getattr(o, "_optimizer", o) for o in self.optimizers]
 
     # ---- failures -----------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:

@@ -60,16 +60,19 @@ def _run(rank: int, world: int, kw: dict, precision: str, bad_rank: int | None, 
 def _overflow_checks(rank: int, world: int) -> dict:
     tp = {"tensor_parallel_size": 2}
     pp = {"tensor_parallel_size": 1, "pipeline_parallel_size": 2, "num_microbatches": 2}
+    dp = {"tensor_parallel_size": 1, "data_parallel_size": 2}
     return {
         "tp": _run(rank, world, tp, "16-mixed", bad_rank=1, steps=4),
         "pp": _run(rank, world, pp, "16-mixed", bad_rank=1, steps=4),  # rank 1: the last stage
         "pp_first": _run(rank, world, pp, "16-mixed", bad_rank=0, steps=2),  # the first stage
+        # the distributed optimizer: the inf reaches one replica's shard only, and is still agreed
+        "do": _run(rank, world, {**dp, "distributed_optimizer": True}, "16-mixed", bad_rank=1, steps=4),
     }
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank():
     results = run_distributed(_overflow_checks, 2, init_process_group=False)
-    for case in ("tp", "pp"):
+    for case in ("tp", "pp", "do"):
         per_rank = [r[case] for r in results]
         for r in per_rank:
             # Step 0 clean; step 1 overflowed on rank 1 only: skipped everywhere, scale halved everywhere;

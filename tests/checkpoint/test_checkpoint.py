@@ -32,6 +32,10 @@ LAYOUTS = {
     "pp4": ({"tensor_parallel_size": 1, "pipeline_parallel_size": 4, "num_microbatches": 4}, 4),
     "dp2": ({"tensor_parallel_size": 1, "data_parallel_size": 2}, 2),
     "tp2_pp2": ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "num_microbatches": 2}, 4),
+    # the distributed optimizer (its state saved per parameter, as without it)
+    "tp1_do": ({"tensor_parallel_size": 1, "distributed_optimizer": True}, 1),
+    "dp2_do": ({"tensor_parallel_size": 1, "data_parallel_size": 2, "distributed_optimizer": True}, 2),
+    "dp4_do": ({"tensor_parallel_size": 1, "data_parallel_size": 4, "distributed_optimizer": True}, 4),
 }
 
 
@@ -129,6 +133,9 @@ def test_resume_same_layout_bitwise_and_resharded(tmp_path):
             ("resume_dropout", "tp2", None),
             ("save", "pp2", None),
             ("save", "dp2", None),
+            ("save", "dp2_do", None),
+            ("resume", "dp2", "dp2_do"),
+            ("resume", "dp2_do", "dp2"),
             ("straight", "pp2", None),
             ("resume", "pp2", "pp2"),
         ],
@@ -144,6 +151,7 @@ def test_resume_same_layout_bitwise_and_resharded(tmp_path):
             ("resume", "pp4", "pp2"),
             ("save", "pp4", None),
             ("resume", "tp2_pp2", "dp2"),
+            ("resume", "dp4_do", "dp2_do"),
         ],
         init_process_group=False,
         timeout=280,
@@ -152,7 +160,13 @@ def test_resume_same_layout_bitwise_and_resharded(tmp_path):
         _phase,
         1,
         tmp,
-        [("resume", "tp1", "tp2"), ("resume", "tp1", "pp4"), ("resume", "tp1", "dp2")],
+        [
+            ("resume", "tp1", "tp2"),
+            ("resume", "tp1", "pp4"),
+            ("resume", "tp1", "dp2"),
+            ("resume", "tp1_do", "dp2_do"),
+            ("resume", "tp1", "dp2_do"),
+        ],
         init_process_group=False,
     )[0]
     straight = r1[("straight", "tp1")]
@@ -168,8 +182,11 @@ def test_resume_same_layout_bitwise_and_resharded(tmp_path):
     assert r2[("straight_dropout", "tp2")] != r2[("straight", "tp2")]
     assert r2[("resume", "pp2", "pp2")] == r2[("straight", "pp2")][SAVE_AT:]
     # Other layouts: every layout computes the same numbers to fp32 round-off (the parity tests' bar).
-    resumed = {k: v for k, v in {**r4, **r1b}.items() if k[0] == "resume"}
-    assert len(resumed) == 6
+    # With the distributed optimizer (do) the state is saved per parameter: dp2 with it resumes on dp1, on
+    # dp4, and without it; and the other way round.
+    resumed = {k: v for k, v in {**r2, **r4, **r1b}.items() if k[0] == "resume" and k[1:] != ("tp2", "tp2")}
+    resumed.pop(("resume", "pp2", "pp2"))
+    assert len(resumed) == 11
     for key, losses in resumed.items():
         assert len(losses) == TOTAL - SAVE_AT, key
         torch.testing.assert_close(

@@ -43,11 +43,14 @@ class InjectNaN(L.Callback):
         self.hashes.append(h.hexdigest())
 
 
-def _fit(policy: str, rank: int, world: int, clip: float | None = None) -> tuple[InjectNaN, L.Trainer]:
+TP2_PP2 = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "num_microbatches": 2}
+
+
+def _fit(
+    policy: str, rank: int, world: int, clip: float | None = None, layout: dict = TP2_PP2
+) -> tuple[InjectNaN, L.Trainer]:
     L.seed_everything(SEED, verbose=False)
-    strategy = lightning_par.HybridParallelStrategy(
-        tensor_parallel_size=2, pipeline_parallel_size=2, num_microbatches=2, nonfinite=policy
-    )
+    strategy = lightning_par.HybridParallelStrategy(**layout, nonfinite=policy)
     inject = InjectNaN(rank, 1)
     trainer = quiet_trainer(strategy, world, max_steps=3, callbacks=[inject], gradient_clip_val=clip)
     data = DataLoader(FixedBatches(48, 16, TINY["vocab_size"]), batch_size=4)
@@ -68,6 +71,10 @@ def _runs(rank: int, world: int, tmp: str) -> None:
     out["hashes"] = inject.hashes
     out["skipped"] = trainer.strategy._nonfinite.skipped_steps
     out["step"] = trainer.global_step
+    # skip with the distributed optimizer (tp2 x dp2): its shards hold the gradients it drops.
+    do = {"tensor_parallel_size": 2, "data_parallel_size": 2, "distributed_optimizer": True}
+    inject, trainer = _fit("skip", 1, world, layout=do)
+    out["do"] = (inject.hashes, trainer.strategy._nonfinite.skipped_steps)
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(out))
     # stop, no clipping (no collective of its own): rank 2 raises, the watchdog ends the others.
     try:
@@ -96,6 +103,8 @@ def test_nan_on_one_rank_stops_or_skips_on_every_rank(tmp_path):
         assert res["skipped"] == 1 and res["step"] == 3, (r, res["skipped"], res["step"])
         h = res["hashes"]
         assert h[1] == h[0] and h[2] != h[1], f"rank {r}: the skipped step changed parameters ({h})"
+        h, skipped = res["do"]
+        assert skipped == 1 and h[1] == h[0] and h[2] != h[1], f"rank {r}, distributed optimizer: {h}"
 
 
 def test_nonfinite_policy_is_validated_by_name():
