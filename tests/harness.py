@@ -6,6 +6,7 @@ deadline: a hang dumps every rank's Python stack to stderr and fails the test in
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import os
 import pickle
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 
 def _child(
-    rank: int, world_size: int, port: int, fn: Callable, args: tuple, init: bool, timeout: float, q: Any
+    rank: int, world_size: int, port: int, fn: Callable, args: bytes, init: bool, timeout: float, q: Any
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -48,7 +49,7 @@ def _child(
             import torch.distributed as dist
 
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
+        result = fn(rank, world_size, *pickle.loads(args))
         # Plain pickle copies tensors by value: torch's queue would pass shared-memory handles that die
         # with this process before the parent reads them.
         q.put((rank, "ok", pickle.dumps(result)))
@@ -63,6 +64,8 @@ def _child(
         except Exception:
             pass
         faulthandler.cancel_dump_traceback_later()
+        # A forked child leaves with os._exit: run the exit handlers a spawned one would (W&B's flush).
+        atexit._run_exitfuncs()
 
 
 def _context() -> Any:
@@ -95,7 +98,10 @@ def run_distributed(
     port = free_port()
     procs = [
         ctx.Process(
-            target=_child, args=(r, world_size, port, fn, args, init_process_group, timeout, q), daemon=False
+            target=_child,
+            # (arguments by value: a forkserver passes at most 255 file descriptors, one per shared tensor)
+            args=(r, world_size, port, fn, pickle.dumps(args), init_process_group, timeout, q),
+            daemon=False,
         )
         for r in range(world_size)
     ]
