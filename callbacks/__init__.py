@@ -2,6 +2,7 @@
 
 from lightning_par.callbacks.accumulation import BatchSizeRampup, GlobalBatchSize
 from lightning_par.callbacks.checkpoint import ShardedCheckpoint
+from lightning_par.callbacks.memory import MemoryReport
 from lightning_par.callbacks.precision import MixedPrecision
 from lightning_par.callbacks.sampling import GenerateText
 from lightning_par.callbacks.throughput import ParallelThroughputMonitor, TokensPerSecond
@@ -13,6 +14,7 @@ __all__ = [
     "BatchSizeRampup",
     "GenerateText",
     "GlobalBatchSize",
+    "MemoryReport",
     "MixedPrecision",
     "ParallelThroughputMonitor",
     "ShardedCheckpoint",

@@ -11,7 +11,11 @@
    (``post_parallelize``); everything the plan did not name becomes ``Replicate()`` on the tp mesh;
 5. **materialise and init**: real storage for meta tensors, then the module's ``init_weights`` (the same
    numbers on every layout);
-6. **gradient plan**: which group each parameter's gradient is reduced over (:class:`GradientSync`).
+6. **activation recomputation** (``activation_checkpointing``): the blocks this rank runs get a forward
+   that keeps less for backward (:mod:`lightning_par.memory.recompute`); last of the module changes, so
+   the tensor-parallel plan and the names saw the blocks as they are, and after the pipeline's stage
+   views exist (a stage holding half a block runs a copy of it, recomputed on its own);
+7. **gradient plan**: which group each parameter's gradient is reduced over (:class:`GradientSync`).
 
 The result (:class:`Parallelized`) is what the strategy keeps. Nothing here knows about Lightning.
 """
@@ -30,6 +34,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from lightning_par.distributed.groups import ParallelGroups
 from lightning_par.distributed.layout import ParallelLayout
 from lightning_par.experts.layer import MoE
+from lightning_par.memory.recompute import apply_activation_checkpointing, check_recompute
 from lightning_par.optim.gradients import GradientSync
 from lightning_par.pipeline.runner import PipelineRunner
 from lightning_par.pipeline.schedules import PipelineConfig
@@ -54,8 +59,16 @@ def parallelize(
     device: torch.device,
     pipeline: PipelineConfig | None = None,
     tp_comm_chunks: int = 1,
+    activation_checkpointing: str | None = None,
+    recompute_num_layers: int | None = None,
 ) -> Parallelized:
-    """Shard ``module`` in place for ``layout`` (see the module docstring for the order and why)."""
+    """Shard ``module`` in place for ``layout`` (see the module docstring for the order and why).
+
+    ``activation_checkpointing`` (``None``, ``"full"`` or ``"selective"``) and ``recompute_num_layers``
+    (the first layers of each pipeline stage; ``None``: all) are those of
+    :func:`~lightning_par.memory.recompute.apply_activation_checkpointing`.
+    """
+    check_recompute(activation_checkpointing, recompute_num_layers, tp_comm_chunks if layout.tp > 1 else 1)
     tie_groups = tied_names(module)  # before anything unties them
     runner, tied = None, []
     if layout.pp > 1:
@@ -67,6 +80,8 @@ def parallelize(
     if any(p.device.type == "meta" for p in module.parameters()):
         materialize_meta(module, device)
         module.init_weights()
+    views = runner.views if runner is not None else None
+    apply_activation_checkpointing(module, activation_checkpointing, recompute_num_layers, views)
     moe = [m for m in module.modules() if isinstance(m, MoE)]
     params = dict(module.named_parameters())
     grad_sync = GradientSync(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from lightning_par.experts.dispatch import _GatherSequence, _ScatterSequence, moe_forward
 from lightning_par.experts.router import Routing, TopKRouter, check_moe
+from lightning_par.memory.recompute import forward_value, recomputing
 
 
 class _InjectAuxGrad(torch.autograd.Function):
@@ -103,15 +104,18 @@ class MoE(nn.Module):
         routing = self.router(flat, T)
         y = moe_forward(flat, routing, self._run_experts, self.num_experts, self.group)
         y = y.view(B, T, C).transpose(0, 1)
-        if self.training and self.record:
+        # A recomputed block runs this again in backward: the same ops (the settings of its forward, which
+        # a pipeline runner changes outside forward calls), but the statistics and losses only once.
+        record, scale = forward_value((self.training and self.record, self.aux_grad_scale))
+        if record:
             aux = self.aux_loss_coef * T * routing.aux_loss_sum + self.z_loss_coef * routing.z_loss_sum
-            if torch.is_grad_enabled():
-                if self.aux_grad_scale is not None:
-                    y = _InjectAuxGrad.apply(y, aux, self.aux_grad_scale)
-                    self._pending_aux.append(aux.detach())
-                else:
-                    self._pending_aux.append(aux)
-            self._record(routing, T)
+            grad = torch.is_grad_enabled()
+            if grad and scale is not None:
+                y = _InjectAuxGrad.apply(y, aux, scale)
+            if not recomputing():
+                if grad:
+                    self._pending_aux.append(aux if scale is None else aux.detach())
+                self._record(routing, T)
         return y if sp is None else _ScatterSequence.apply(y, sp)
 
     def _record(self, routing: Routing, seq_len: int) -> None:
