@@ -30,8 +30,8 @@ partitions whole parameters, and broadcasts DTensor parameters through an op DTe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from lightning_par.optim.buckets import Bucket, Compression, GradientBuckets
 from lightning_par.optim.gradients import GradientSync, local, sum_squares
 
 ELEMENTWISE = (
@@ -75,67 +76,6 @@ class Piece:
         return self.shard.dtype == self.param.dtype
 
 
-@dataclass
-class Bucket:
-    """Parameters of one dtype reduced over one group, laid end to end; this replica owns ``[lo, hi)``."""
-
-    group: dist.ProcessGroup | None
-    params: list[tuple[str, Tensor]]
-    offsets: list[int] = field(default_factory=list)
-    padded: int = 0
-    lo: int = 0
-    hi: int = 0
-    pieces: list[Piece] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        d = dist.get_world_size(self.group) if self.group is not None else 1
-        r = dist.get_rank(self.group) if self.group is not None else 0
-        total = 0
-        for _, p in self.params:
-            self.offsets.append(total)
-            total += local(p).numel()
-        self.padded = -(-total // d) * d
-        size = self.padded // d
-        self.lo, self.hi = r * size, (r + 1) * size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return local(self.params[0][1]).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return local(self.params[0][1]).device
-
-    def flat_grads(self) -> Tensor:
-        """Every gradient of the bucket end to end (zeros for a missing one, so all replicas agree on sizes)."""
-        parts = [
-            local(p.grad).reshape(-1) if p.grad is not None else local(p).new_zeros(local(p).numel())
-            for _, p in self.params
-        ]
-        pad = self.padded - self.offsets[-1] - local(self.params[-1][1]).numel()
-        if pad:
-            parts.append(parts[0].new_zeros(pad))
-        return torch.cat(parts)
-
-    def gather(self, value_of: Callable[[Piece], Tensor | None], dtype: torch.dtype) -> Tensor:
-        """The whole bucket's flat values, each replica contributing ``value_of(piece)`` for its pieces."""
-        mine = torch.zeros(self.hi - self.lo, dtype=dtype, device=self.device)
-        for piece in self.pieces:
-            value = value_of(piece)
-            if value is not None:
-                mine[piece.at : piece.at + piece.end - piece.start] = value
-        if self.group is None:
-            return mine
-        full = mine.new_empty(self.padded)
-        dist.all_gather_into_tensor(full, mine, group=self.group)
-        return full
-
-    def scatter_params(self, full: Tensor) -> None:
-        for (_, p), off in zip(self.params, self.offsets, strict=True):
-            flat = local(p).detach().view(-1)
-            flat.copy_(full[off : off + flat.numel()])
-
-
 class DistributedOptimizer:
     """Rewrites ``optimizer`` (in place) to step this replica's ranges; see the module docstring.
 
@@ -143,9 +83,17 @@ class DistributedOptimizer:
         optimizer: the torch optimizer ``configure_optimizers`` returned (still without state).
         module: the (sharded) LightningModule, for parameter names.
         grad_sync: the layout's gradient plan (groups, expert parameters, tied copies).
+        bucket_cap_mb / compression: of the reduce-scatter buckets (:class:`GradientBuckets`).
     """
 
-    def __init__(self, optimizer: Optimizer, module: nn.Module, grad_sync: GradientSync) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        module: nn.Module,
+        grad_sync: GradientSync,
+        bucket_cap_mb: float = 25.0,
+        compression: Compression | None = None,
+    ) -> None:
         if not isinstance(optimizer, ELEMENTWISE):
             names = ", ".join(c.__name__ for c in ELEMENTWISE)
             raise TypeError(
@@ -169,17 +117,23 @@ class DistributedOptimizer:
                     )
                 order.setdefault(id(p), (names[id(p)], p))
             self.groups.append(list(group["params"]))
-        keyed: dict[tuple[bool, torch.dtype], list[tuple[str, Tensor]]] = {}
         for name, p in order.values():
             if not local(p).is_contiguous():
                 raise ValueError(f"distributed_optimizer=True needs contiguous parameters; {name} is not.")
-            expert = id(p) in grad_sync.expert_ids
-            keyed.setdefault((expert, local(p).dtype), []).append((name, p))
-        self.buckets = [
-            Bucket(grad_sync.edp if expert else grad_sync.dp, params) for (expert, _), params in keyed.items()
-        ]
+        self.grad_buckets = GradientBuckets(
+            list(order.values()),
+            grad_sync.dp,
+            grad_sync.edp,
+            grad_sync.expert_ids,
+            bucket_cap_mb,
+            shard=True,
+            compression=compression or Compression(None),
+        )
+        self.buckets = self.grad_buckets.buckets
+        self.pieces_of: dict[int, list[Piece]] = {}
         pieces: dict[int, Piece] = {}
         for bucket in self.buckets:
+            mine = self.pieces_of.setdefault(id(bucket), [])
             for (name, p), off in zip(bucket.params, bucket.offsets, strict=True):
                 a, b = max(off, bucket.lo), min(off + local(p).numel(), bucket.hi)
                 if a >= b:
@@ -188,9 +142,10 @@ class DistributedOptimizer:
                 shard = nn.Parameter(flat if flat.dtype == torch.float32 else flat.float())
                 kind = -1 if id(p) in grad_sync.norm_duplicates else grad_sync.norm_kind(p)
                 piece = Piece(name, p, a - off, b - off, a - bucket.lo, shard, kind)
-                bucket.pieces.append(piece)
+                mine.append(piece)
                 pieces[id(p)] = piece
         self.pieces = pieces
+        self._pending: dict[int, tuple[Bucket, Tensor, Any]] = {}
         for group, params in zip(optimizer.param_groups, self.groups, strict=True):
             group["params"] = [pieces[id(p)].shard for p in params if id(p) in pieces]
 
@@ -198,18 +153,12 @@ class DistributedOptimizer:
     @torch.no_grad()
     def reduce_scatter(self, scale: float | None) -> None:
         """Sum every gradient over its group into this replica's range, times ``scale``; drop ``.grad``."""
-        for bucket in self.buckets:
-            flat = bucket.flat_grads()
-            if bucket.group is None:
-                mine = flat[bucket.lo : bucket.hi]
-            else:
-                mine = flat.new_empty(bucket.hi - bucket.lo)
-                dist.reduce_scatter_tensor(mine, flat, group=bucket.group)
+        for bucket, mine in zip(self.buckets, self.grad_buckets.finish(), strict=True):
             if scale is not None and scale != 1.0:
                 mine.mul_(scale)
             if mine.dtype != torch.float32:
                 mine = mine.float()
-            for piece in bucket.pieces:
+            for piece in self.pieces_of[id(bucket)]:
                 # As without sharding, a parameter without a gradient is not stepped.
                 has_grad = piece.param.grad is not None
                 piece.shard.grad = mine[piece.at : piece.at + piece.end - piece.start] if has_grad else None
@@ -217,10 +166,65 @@ class DistributedOptimizer:
                 p.grad = None
 
     @torch.no_grad()
-    def gather_parameters(self) -> None:
-        """After the optimizer step: masters into their parameters, then every range to every replica."""
-        for bucket in self.buckets:
-            bucket.scatter_params(bucket.gather(lambda pc: pc.shard.detach(), bucket.dtype))
+    def gather_parameters(self, overlap: bool = False) -> None:
+        """After the optimizer step: masters into their parameters, then every range to every replica.
+
+        ``overlap``: start the all-gathers (in forward order) and return; each bucket is waited for by the
+        forward pre-hook of the first module that uses one of its parameters (:meth:`install_gather_hooks`)
+        or by :meth:`wait_gathers` (checkpoints, the end of fit). Until then, this replica's parameters
+        outside its own range are last step's.
+        """
+        for bucket in reversed(self.buckets):  # (buckets are in backward order)
+            full = self._gather(bucket, lambda pc: pc.shard.detach(), bucket.dtype, async_op=overlap)
+            if overlap:
+                self._pending[id(bucket)] = (bucket, *full)
+            else:
+                _scatter_params(bucket, full)
+
+    def install_gather_hooks(self, units: Iterable[nn.Module], rest: nn.Module | None = None) -> None:
+        """A forward pre-hook on each unit (a layer, the embedding, ...): wait for the all-gathers of the
+        buckets holding any parameter under it (a parent may read a child's weight without calling it);
+        on ``rest``, for those holding parameters under no unit."""
+        bucket_of = {id(p): id(b) for b in self.buckets for _, p in b.params}
+        units = list(units)
+        covered = {id(p) for m in units for p in m.parameters()}
+        plans = [(m, list(m.parameters())) for m in units]
+        if rest is not None:
+            plans.append((rest, [p for p in rest.parameters() if id(p) not in covered]))
+        for m, params in plans:
+            ids = frozenset(bucket_of[id(p)] for p in params if id(p) in bucket_of)
+            if ids:
+                m.register_forward_pre_hook(lambda _m, _args, ids=ids: self.wait_gathers(ids))
+
+    @torch.no_grad()
+    def wait_gathers(self, ids: Iterable[int] | None = None) -> None:
+        """Finish the pending all-gathers of the buckets ``ids`` (``None``: all)."""
+        if not self._pending:
+            return
+        for key in list(self._pending) if ids is None else [i for i in ids if i in self._pending]:
+            bucket, full, work = self._pending.pop(key)
+            work.wait()
+            _scatter_params(bucket, full)
+
+    def _gather(
+        self,
+        bucket: Bucket,
+        value_of: Callable[[Piece], Tensor | None],
+        dtype: torch.dtype,
+        async_op: bool = False,
+    ) -> Any:
+        """The whole bucket's flat values, each replica contributing ``value_of(piece)`` for its pieces
+        (with ``async_op``: ``(values, work)``, the values complete once ``work`` is waited for)."""
+        mine = torch.zeros(bucket.hi - bucket.lo, dtype=dtype, device=bucket.device)
+        for piece in self.pieces_of[id(bucket)]:
+            value = value_of(piece)
+            if value is not None:
+                mine[piece.at : piece.at + piece.end - piece.start] = value
+        if bucket.group is None:
+            return (mine, _Done()) if async_op else mine
+        full = mine.new_empty(bucket.padded)
+        work = dist.all_gather_into_tensor(full, mine, group=bucket.group, async_op=async_op)
+        return (full, work) if async_op else full
 
     @torch.no_grad()
     def norm(self, device: torch.device) -> Tensor:
@@ -228,7 +232,7 @@ class DistributedOptimizer:
         sq = torch.zeros(4, device=device, dtype=torch.float32)
         for bucket in self.buckets:
             parts: list[list[Tensor]] = [[], [], [], []]
-            for piece in bucket.pieces:
+            for piece in self.pieces_of[id(bucket)]:
                 if piece.kind >= 0 and piece.shard.grad is not None:
                     parts[piece.kind].append(piece.shard.grad)
             local_sq = torch.stack([sum_squares(part, device) for part in parts])
@@ -236,6 +240,15 @@ class DistributedOptimizer:
                 dist.all_reduce(local_sq, group=bucket.group)
             sq += local_sq
         return self.grad_sync.combine_squares(sq).sqrt()
+
+    def tp_partial_grads(self) -> list[Tensor]:
+        """Pieces' gradients that are still partial sums over tp (sequence parallel): every tp rank lays
+        out the same shapes, so a piece covers the same elements on each and the sum can come last."""
+        return [
+            pc.shard.grad
+            for pc in self.pieces.values()
+            if pc.shard.grad is not None and self.grad_sync.tp_partial(pc.param)
+        ]
 
     def model_parameters(self) -> list[Tensor]:
         """The module parameters this optimizer updates (their ``.grad`` hold the backward's gradients)."""
@@ -262,10 +275,12 @@ class DistributedOptimizer:
             # Per-parameter scalars (step counts) by object; which parameters have state at all.
             scalars = {
                 pc.name: {k: v for k, v in st.items() if not _ranged(v, pc)}
-                for pc in bucket.pieces
+                for pc in self.pieces_of[id(bucket)]
                 if (st := self._state(pc))
             }
-            keys = sorted({k for pc in bucket.pieces for k, v in self._state(pc).items() if _ranged(v, pc)})
+            keys = sorted(
+                {k for pc in self.pieces_of[id(bucket)] for k, v in self._state(pc).items() if _ranged(v, pc)}
+            )
             seen = [(scalars, keys)]
             if bucket.group is not None:
                 seen = [None] * dist.get_world_size(bucket.group)
@@ -281,7 +296,7 @@ class DistributedOptimizer:
                 # fp32 masters, so that a resume keeps the precision the bf16/fp16 weights lost
                 ranged["master"] = lambda pc: pc.shard.detach()
             for key, value_of in ranged.items():
-                full = bucket.gather(value_of, torch.float32)
+                full = self._gather(bucket, value_of, torch.float32)
                 for (name, p), off in zip(bucket.params, bucket.offsets, strict=True):
                     if name in by_name:
                         value = full[off : off + local(p).numel()].view(local(p).shape)
@@ -331,12 +346,25 @@ class DistributedOptimizer:
         return self.optimizer.state.get(piece.shard, {})
 
 
+class _Done:
+    """The work of a collective over one rank: nothing to wait for."""
+
+    def wait(self) -> None:
+        return None
+
+
 class PerParameterState:
     """Quacks like an unsharded optimizer for the checkpoint code: ``param_groups`` and ``state``."""
 
     def __init__(self, param_groups: list[dict[str, Any]]) -> None:
         self.param_groups = param_groups
         self.state: dict[Tensor, dict[str, Any]] = {}
+
+
+def _scatter_params(bucket: Bucket, full: Tensor) -> None:
+    for (_, p), off in zip(bucket.params, bucket.offsets, strict=True):
+        flat = local(p).detach().view(-1)
+        flat.copy_(full[off : off + flat.numel()])
 
 
 def _ranged(value: Any, piece: Piece) -> bool:

@@ -85,27 +85,50 @@ class GradientSync:
     norm_duplicates: set[int] = field(default_factory=set)
 
     @torch.no_grad()
-    def reduce(self, params: Iterable[Tensor], named: dict[str, Tensor], scale: float | None) -> None:
-        """Reduce every gradient over its group(s), multiplied by ``scale`` (``None``: no dp reduction)."""
+    def reduce(
+        self,
+        params: Iterable[Tensor],
+        named: dict[str, Tensor],
+        scale: float | None,
+        replicas_done: bool = False,
+    ) -> None:
+        """Reduce every gradient over its group(s), multiplied by ``scale`` (``None``: no dp reduction).
+
+        ``replicas_done``: the data-parallel buckets already summed (and scaled) every gradient that has
+        replicas; only those without are scaled here.
+        """
         params = [p for p in params if p.grad is not None]
-        if self.sequence_parallel and self.tp is not None:
-            partial = [
-                p.grad.to_local()
-                for p in params
-                if is_replicated_dtensor(p.grad) and id(p) not in self.moe_ids
-            ]
-            bucket_all_reduce(partial, self.tp, scale=1.0)
+        self.sum_sequence_parallel([local(p.grad) for p in params if self.tp_partial(p)])
         if scale is not None:
             dense = [local(p.grad) for p in params if id(p) not in self.expert_ids]
             experts = [local(p.grad) for p in params if id(p) in self.expert_ids]
             for group, tensors in ((self.dp, dense), (self.edp, experts)):
                 if group is not None:
-                    bucket_all_reduce(tensors, group, scale=scale)
+                    if not replicas_done:
+                        bucket_all_reduce(tensors, group, scale=scale)
                 elif tensors and scale != 1.0:
                     torch._foreach_mul_(tensors, scale)
+        self.sum_ties(named)
+
+    def tp_partial(self, p: Tensor) -> bool:
+        """Under sequence parallel, a replicated parameter's gradient is a partial sum over tp (except in
+        MoE layers, which see whole gathered sequences)."""
+        return (
+            self.sequence_parallel
+            and self.tp is not None
+            and is_replicated_dtensor(p)
+            and id(p) not in self.moe_ids
+        )
+
+    def sum_sequence_parallel(self, grads: list[Tensor]) -> None:
+        """Complete the tp partial sums (any order against the data-parallel sum: both are sums)."""
+        if grads and self.tp is not None:
+            bucket_all_reduce(grads, self.tp, scale=1.0)
+
+    def sum_ties(self, named: dict[str, Tensor]) -> None:
+        """A weight tied across pipeline ranks (embedding on the first stage, head on the last) got one part
+        of its gradient on each: sum them, so both copies take the same step."""
         for names, group in self.tied:
-            # A weight tied across pipeline ranks (embedding on the first stage, head on the last) got
-            # one part of its gradient on each: sum them, so both copies take the same step.
             grads = [local(named[n].grad) for n in names if n in named and named[n].grad is not None]
             bucket_all_reduce(grads, group, scale=1.0)
 

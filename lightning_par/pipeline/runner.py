@@ -102,6 +102,9 @@ class PipelineRunner:
         self._loss_broadcast: tuple[Tensor, Any] | None = None
         self._loss_scale: Tensor | None = None
         self.record_timeline = False
+        self.around_weight_pass: Callable[[nn.Module, Callable[[], Any]], Any] | None = None
+        """Runs a zero-bubble weight pass (``stage.submod``, the call): whoever waits for final gradients
+        learns of those it wrote into ``.grad`` directly, without the post-accumulate-grad hooks."""
         """Time every stage call of the next runs (``lightning_par.callbacks.PipelineTimeline`` sets it)."""
         self.grad_scale: float | None = None
         self.token_sums = False
@@ -325,6 +328,9 @@ class PipelineRunner:
                     entry.events.append(TimelineEvent(kind, stage.stage_index, chunk_id, start, time.time()))
 
             def timed(chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+                if kind == "W" and self.around_weight_pass is not None:
+                    run = lambda: clock(chunk_id, *args, **kwargs)  # noqa: E731
+                    return self.around_weight_pass(stage.submod, run)
                 if kind != "F":
                     return clock(chunk_id, *args, **kwargs)
                 for m in self._aux_modules:

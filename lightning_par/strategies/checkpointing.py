@@ -38,6 +38,7 @@ class ShardedCheckpointIO:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported."
             )
+        self.wait_parameter_gathers()
         checkpoint.pop("state_dict", None)
         checkpoint.pop("optimizer_states", None)
         checkpoint["parallel_layout"] = self.describe_layout()

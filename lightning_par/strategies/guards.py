@@ -7,6 +7,9 @@ The strategy arms these at ``on_train_start`` and disarms them at the end of fit
   rank's step and stack (progress is marked after each training step, validation step and optimizer
   step);
 * :class:`~lightning_par.strategies.lightning_patches.DeferredSigtermCheck` under pipeline parallel.
+
+:class:`GuardedRun` is the strategy's side: the hooks that arm and disarm them, and the process group made
+per restart attempt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from lightning_par.distributed.groups import ParallelGroups
+from lightning_par.fault_tolerance.restart import init_elastic_process_group
 from lightning_par.fault_tolerance.watchdog import FailureWatchdog
 from lightning_par.strategies.lightning_patches import DeferredSigtermCheck
 
@@ -57,3 +61,35 @@ class RunGuards:
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
+
+
+class GuardedRun:
+    """Strategy hooks (a mixin of :class:`HybridParallelStrategy`): the guards' lifetime, per-attempt stores."""
+
+    _guards: RunGuards
+
+    def _setup_distributed(self) -> None:
+        # Under torchrun, each restart attempt gets its own namespace of the agent's store.
+        assert self.cluster_environment is not None
+        env = self.cluster_environment
+        init_elastic_process_group(
+            self._get_process_group_backend(), env.global_rank(), env.world_size(), self._timeout
+        )
+        super()._setup_distributed()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if dist.is_initialized():
+            self._guards.start(self.lightning_module.trainer, self.groups, self.global_rank)
+
+    def on_train_end(self) -> None:
+        self._guards.stop()
+        super().on_train_end()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._guards.report(exception)
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self._guards.stop()
+        super().teardown()

@@ -8,14 +8,13 @@ FSDP itself, and its checkpoint loading is not safe against crafted files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.plugins.precision import Precision
@@ -29,20 +28,22 @@ from lightning_par.data.loader import prepare_loader
 from lightning_par.distributed.groups import ParallelGroups
 from lightning_par.distributed.layout import ParallelLayout, check_sizes, default_backend
 from lightning_par.fault_tolerance.nonfinite import NonFiniteCheck
-from lightning_par.fault_tolerance.restart import check_external_launch, init_elastic_process_group
+from lightning_par.fault_tolerance.restart import check_external_launch
+from lightning_par.memory.recompute import check_recompute
 from lightning_par.optim.distributed import DistributedOptimizer
-from lightning_par.optim.gradients import StepTokens, optimizer_params
+from lightning_par.optim.gradients import StepTokens
 from lightning_par.parallelize import Parallelized, parallelize
 from lightning_par.pipeline.runner import PipelineRunner
 from lightning_par.pipeline.schedules import PipelineConfig, check_schedule, stages_per_rank
 from lightning_par.pipeline.step import GradientStash, check_no_accumulation
 from lightning_par.protocols import check_protocol
 from lightning_par.strategies.checkpointing import ShardedCheckpointIO
-from lightning_par.strategies.guards import RunGuards
+from lightning_par.strategies.gradients import GradientHandling, check_gradient_options
+from lightning_par.strategies.guards import GuardedRun, RunGuards
 from lightning_par.strategies.precision import ExactClipping, require_exact_clipping, with_exact_clipping
 
 
-class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
+class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, ModelParallelStrategy):
     """Tensor (+ sequence), pipeline, expert and data parallelism on one DeviceMesh, for protocol models.
 
     Args:
@@ -70,6 +71,19 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
             over the data-parallel replicas, experts over theirs: gradients are reduce-scattered, each
             replica steps its range, parameters are all-gathered (ZeRO-1; see
             :mod:`lightning_par.optim.distributed`).
+        gradient_bucket_mb: megabytes of gradients per data-parallel bucket (DDP's ``bucket_cap_mb``).
+        overlap_grad_reduce: launch each bucket's reduction as soon as backward finished it (else all of
+            them after backward); see :mod:`lightning_par.optim.buckets`.
+        overlap_param_gather: with the distributed optimizer, all-gather updated parameters while the next
+            forward runs (each bucket waited for by the first module that needs it; until then a callback
+            reading weights after the step sees last step's outside this replica's range).
+        gradient_compression: ``None``, ``"bf16"``, ``"fp16"`` (the data-parallel sum sent in 16 bits) or
+            ``"powersgd"`` (torch's PowerSGD: rank ``powersgd_rank`` factors with error feedback, from
+            step ``powersgd_start_step``; not with the distributed optimizer).
+        activation_checkpointing: ``"full"`` (each block keeps only its input and re-runs its forward in
+            backward), ``"selective"`` (keeps matmul, attention and communication outputs, recomputes the
+            rest) or ``None`` (see :mod:`lightning_par.memory.recompute`).
+        recompute_num_layers: recompute only the first this many layers of each pipeline stage (``None``: all).
         hang_timeout: seconds without progress (a step neither started nor finished) after which the run
             ends with the stuck rank's step and Python stack (``None``: no hang detection).
         nonfinite: a NaN/Inf loss or gradient on any rank: ``"stop"`` (raise on every rank, naming them),
@@ -90,6 +104,14 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
         pipeline_stage_boundaries: list[int] | None = None,
         expert_parallel_size: int | None = 1,
         distributed_optimizer: bool = False,
+        gradient_bucket_mb: float = 25.0,
+        overlap_grad_reduce: bool = True,
+        overlap_param_gather: bool = False,
+        gradient_compression: str | None = None,
+        powersgd_rank: int = 4,
+        powersgd_start_step: int = 10,
+        activation_checkpointing: str | None = None,
+        recompute_num_layers: int | None = None,
         hang_timeout: float | None = 300.0,
         nonfinite: str = "stop",
         process_group_backend: str | None = None,
@@ -109,6 +131,15 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
             pipeline_parallel_size=pipeline_parallel_size,
             tp_comm_chunks=tp_comm_chunks,
         )
+        check_recompute(activation_checkpointing, recompute_num_layers, tp_comm_chunks)
+        check_gradient_options(
+            gradient_compression,
+            distributed_optimizer,
+            gradient_bucket_mb,
+            powersgd_rank,
+            powersgd_start_step,
+            overlap_param_gather,
+        )
         # Schedule settings are checked now (Trainer(...)), against pp once the layout is known.
         pp = pipeline_parallel_size or 1
         m = pp * stages_per_rank(pipeline_schedule, virtual_pipeline_size)
@@ -123,6 +154,14 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
         self.virtual_pipeline_size = virtual_pipeline_size
         self.pipeline_stage_boundaries = pipeline_stage_boundaries
         self.distributed_optimizer = distributed_optimizer
+        self.recompute = (activation_checkpointing, recompute_num_layers)
+        self.gradient_bucket_mb = gradient_bucket_mb
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather
+        self.gradient_compression = gradient_compression
+        self.powersgd = (powersgd_rank, powersgd_start_step)
+        self.grad_buckets = None
+        self._all_buckets = []
         self.distributed_optimizers: dict[int, DistributedOptimizer] = {}
         """The distributed optimizer of each (raw) optimizer, by ``id``."""
         self.layout: ParallelLayout | None = None
@@ -258,7 +297,7 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
         if self.parallelized is None:
             config = self.pipeline_config if layout.pp > 1 else None
             self.parallelized = parallelize(
-                module, layout, self.groups, self.root_device, config, self.tp_comm_chunks
+                module, layout, self.groups, self.root_device, config, self.tp_comm_chunks, *self.recompute
             )
             module._lp_parallelized = self.parallelized
         self.model = self.precision_plugin.convert_module(self.model)
@@ -269,10 +308,7 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
-            if self.distributed_optimizer:
-                sync = self.parallelized.grad_sync
-                dist_opts = [DistributedOptimizer(o, module, sync) for o in self._raw_optimizers()]
-                self.distributed_optimizers = {id(d.optimizer): d for d in dist_opts}
+            self._setup_gradients()
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -291,6 +327,7 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
             runner.prepare_step(getattr(self.precision_plugin, "loss_scale", None), token_sums=accumulating)
         if automatic:
             self._stash.begin(module.parameters(), accumulating)
+        self._arm_buckets(accumulating)
         out = super().training_step(*args, **kwargs)
         self._guards.progress(module.trainer.global_step)
         self._tokens.record(out)
@@ -325,86 +362,6 @@ class HybridParallelStrategy(ShardedCheckpointIO, ModelParallelStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         m = self.num_microbatches if self.pipeline is not None else None
         return super().process_dataloader(prepare_loader(dataloader, trainer, m))
-
-    def optimizer_step(
-        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
-    ) -> Any:
-        def closure_and_reduce() -> Any:
-            result = closure()
-            params = list(optimizer_params(optimizer))
-            self.reduce_gradients(params, dist_opt)
-            self._norm_cache = None
-            if not getattr(self.precision_plugin, "scaling", False):  # (fp16 scaling: its own overflow rule)
-                norm = lambda: self.global_grad_norm(params)  # noqa: E731  (reused by clipping)
-                named = dist_opt.named_gradients() if dist_opt is not None else None
-                self._nonfinite.check_step(result, self.lightning_module, norm, named)
-            return result
-
-        dist_opt = self.distributed_optimizers.get(id(getattr(optimizer, "_optimizer", optimizer)))
-        out = super().optimizer_step(optimizer, closure_and_reduce, model, **kwargs)
-        if dist_opt is not None:
-            dist_opt.gather_parameters()
-        self._guards.progress(self.lightning_module.trainer.global_step + 1)  # (about to start the next)
-        return out
-
-    @torch.no_grad()
-    def reduce_gradients(
-        self, params: Iterable[Tensor], dist_opt: DistributedOptimizer | None = None
-    ) -> None:
-        """Make every gradient that of the token-weighted mean loss of the whole global batch.
-
-        All micro-batches of the step, all replicas: see :class:`~lightning_par.optim.gradients.GradientSync`
-        for which group each kind of parameter is reduced over. One flat bucket per collective. With the
-        distributed optimizer, the replicas' sum is its reduce-scatter.
-        """
-        assert self.groups is not None
-        scale = self._tokens.gradient_scale(self.groups.dp, pipelined=self.pipeline is not None)
-        named = dict(self.lightning_module.named_parameters()) if self.parallelized.grad_sync.tied else {}
-        if dist_opt is None:
-            self.parallelized.grad_sync.reduce(params, named, scale)
-            return
-        self.parallelized.grad_sync.reduce(dist_opt.model_parameters(), named, None)  # sp, ties
-        dist_opt.reduce_scatter(scale)
-
-    def global_grad_norm(self, params: Iterable[Tensor], norm_type: float = 2.0) -> Tensor:
-        """The gradient norm of the whole (unsharded) model, each parameter counted once (computed once a step)."""
-        if norm_type != 2.0:
-            raise ValueError(f"norm_type={norm_type} is not supported: only the L2 norm (2.0) is.")
-        params = [p for p in params if p.grad is not None]
-        key = tuple(map(id, params))
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            dist_opt = next((d for d in self.distributed_optimizers.values() if d.owns(params)), None)
-            sync = self.parallelized.grad_sync
-            norm = dist_opt.norm(self.root_device) if dist_opt else sync.norm(params, self.root_device)
-            self._norm_cache = (key, norm)
-        return self._norm_cache[1]
-
-    # ---- failures -----------------------------------------------------------------------------------
-    def _setup_distributed(self) -> None:
-        # Under torchrun, each restart attempt gets its own namespace of the agent's store.
-        assert self.cluster_environment is not None
-        env = self.cluster_environment
-        init_elastic_process_group(
-            self._get_process_group_backend(), env.global_rank(), env.world_size(), self._timeout
-        )
-        super()._setup_distributed()
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        if dist.is_initialized():
-            self._guards.start(self.lightning_module.trainer, self.groups, self.global_rank)
-
-    def on_train_end(self) -> None:
-        self._guards.stop()
-        super().on_train_end()
-
-    def on_exception(self, exception: BaseException) -> None:
-        self._guards.report(exception)
-        super().on_exception(exception)
-
-    def teardown(self) -> None:
-        self._guards.stop()
-        super().teardown()
 
     # ---- reductions (over the groups that hold different numbers) ------------------------------------
     def sum_over_replicas_and_stages(self, tensor: Tensor) -> Tensor:

@@ -120,3 +120,8 @@ class AccumulationOverride:
         for obj, name in self._replaced:
             obj.__dict__.pop(name, None)
         self._replaced = []
+
+
+def accumulates_further(trainer: Any) -> bool:
+    """Whether Lightning's current micro-batch is not the last of its optimizer step (its own rule)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
