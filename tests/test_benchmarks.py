@@ -44,3 +44,12 @@ def test_ep_speed_smoke():
 def test_checkpoint_speed_smoke():
     out = _smoke("checkpoint_speed.py")
     assert "save: median" in out and "load: median" in out
+
+
+def test_memory_dp_and_compression_smokes():
+    out = _smoke("memory.py")
+    assert "optimizer distopt / baseline" in out and "activations full / none" in out
+    out = _smoke("dp_speed.py")
+    assert "ours / ddp tokens/s:" in out
+    out = _smoke("compression.py", "--variants", "none,powersgd")
+    assert "powersgd" in out and "saved)" in out

@@ -16,6 +16,17 @@ from tests.parity import OPTIM, SEED, TINY, FixedBatches, full, quiet_trainer
 MODEL = {**TINY, "n_layer": 4}
 
 
+def _poison(value: float):
+    """A gradient hook that puts ``value`` into the first element of the gradient (once)."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = value
+        return grad
+
+    return hook
+
+
 class Overflow(L.Callback):
     """Puts an inf into one gradient of one rank at step 1; records what every rank then did."""
 
@@ -25,13 +36,15 @@ class Overflow(L.Callback):
         self.skipped: list[bool] = []
         self.weights: list[dict[str, torch.Tensor]] = []
 
-    def on_after_backward(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        # Inside the backward, as an overflow happens (the gradient buckets may leave before it ends).
         if trainer.global_step == 1 and self.rank == self.bad_rank:
-            p = next(p for p in pl_module.parameters() if p.grad is not None)
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            g.view(-1)[0] = float("inf")
+            self.handle = next(iter(pl_module.parameters())).register_hook(_poison(float("inf")))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(self, "handle", None) is not None:
+            self.handle.remove()
+            self.handle = None
         plugin = trainer.strategy.precision_plugin
         self.scales.append(plugin.loss_scale)
         self.skipped.append(plugin.last_step_skipped)

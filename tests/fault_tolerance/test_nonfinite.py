@@ -29,13 +29,21 @@ class InjectNaN(L.Callback):
         self.rank, self.step = rank, step
         self.hashes: list[str] = []
 
-    def on_after_backward(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        # Inside the backward, where a NaN would appear (the gradient buckets may leave before it ends).
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            p = next(p for p in pl_module.parameters() if p.grad is not None)
-            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            grad.view(-1)[0] = float("nan")
+
+            def poison(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("nan")
+                return grad
+
+            self.handle = next(iter(pl_module.parameters())).register_hook(poison)
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if getattr(self, "handle", None) is not None:
+            self.handle.remove()
+            self.handle = None
         h = hashlib.sha256()
         for _, p in sorted(pl_module.named_parameters()):
             t = p.to_local() if isinstance(p, DTensor) else p

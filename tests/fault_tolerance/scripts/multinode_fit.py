@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_par  # noqa: E402
-import lightning_par.strategies.hybrid as hybrid  # noqa: E402
+import lightning_par.strategies.guards as guards  # noqa: E402
 from tests.parity import OPTIM, SEED, TINY, FixedBatches, quiet_trainer  # noqa: E402
 
 STEPS = 3
@@ -44,14 +44,14 @@ LAYOUTS = {
 
 def record_elastic_group(seen: dict[str, bool]) -> None:
     """Note whether the strategy made the default process group on the attempt's own store."""
-    init = hybrid.init_elastic_process_group
+    init = guards.init_elastic_process_group
 
     def recording(*args, **kwargs) -> bool:
         made = init(*args, **kwargs)
         seen.setdefault("elastic_store", made)  # the first fit makes the group, a later one reuses it
         return made
 
-    hybrid.init_elastic_process_group = recording
+    guards.init_elastic_process_group = recording
 
 
 class StepLosses(L.Callback):
