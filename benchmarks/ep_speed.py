@@ -122,13 +122,17 @@ def _lightning(rank: int, world: int, shape: dict, warmup: int, steps: int) -> d
     from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
-    sent = {"tokens": 0, "counts": 0, "step_bytes": []}
+    sent = {"tokens": 0, "counts": 0, "step_bytes": [], "a2a_s": 0.0, "step_a2a_s": [], "exposed": []}
     original = dist.all_to_all_single
 
     def counting(output, input, *args, **kwargs):  # noqa: A002 (torch's own parameter name)
         kind = "tokens" if input.is_floating_point() else "counts"
         sent[kind] += input.numel() * input.element_size()
-        return original(output, input, *args, **kwargs)
+        start = time.perf_counter()  # (synchronous: the time inside includes waiting for the peer)
+        try:
+            return original(output, input, *args, **kwargs)
+        finally:
+            sent["a2a_s"] += time.perf_counter() - start
 
     dist.all_to_all_single = counting
 
@@ -138,10 +142,13 @@ def _lightning(rank: int, world: int, shape: dict, warmup: int, steps: int) -> d
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.starts.append(time.perf_counter())
-            sent["tokens"] = 0
+            sent["tokens"], sent["a2a_s"] = 0, 0.0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sent["step_bytes"].append(sent["tokens"])
+            sent["step_a2a_s"].append(sent["a2a_s"])
+            comm = getattr(trainer.strategy, "last_communication", None) or {}
+            sent["exposed"].append(comm.get("comm/grad_exposed_s", 0.0))
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.starts.append(time.perf_counter())
@@ -180,6 +187,8 @@ def _lightning(rank: int, world: int, shape: dict, warmup: int, steps: int) -> d
         "step_s": statistics.median(dist_times[warmup:]),
         "a2a_step_bytes": sent["step_bytes"][warmup:] if world > 1 else None,
         "a2a_analytic": analytic * world if world > 1 else None,
+        "a2a_s": statistics.median(sent["step_a2a_s"][warmup:]) if world > 1 else None,
+        "dense_exposed_s": statistics.median(sent["exposed"][warmup:]) if world > 1 else None,
     }
 
 
@@ -211,6 +220,9 @@ def main() -> None:
             if r.get("a2a_step_bytes") is not None:  # bytes sent by all ranks, per step
                 per_step = [sum(v) for v in zip(*(x.pop("a2a_step_bytes") for x in ranks), strict=True)]
                 r["a2a_bytes"] = statistics.median(per_step)
+                # per step, inside all-to-all: the less loaded rank waits for the other
+                r["a2a_s_per_rank"] = [x["a2a_s"] for x in ranks]
+                r["a2a_s"] = max(x["a2a_s"] for x in ranks)
             r["tokens_per_s"] = world * BATCH * shape["block_size"] / r["step_s"]
             runs[name].append(r)
             print(
@@ -219,7 +231,7 @@ def main() -> None:
                 flush=True,
             )
     results = {
-        name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if rs[0][k] is not None}
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float | int)}
         for name, rs in runs.items()
     }
     print(f"\nmedians over {args.repeat} round(s); {BATCH} x {shape['block_size']} tokens per rank and step")
@@ -232,6 +244,15 @@ def main() -> None:
         f"{ceiling:.3f}x"
     )
     lt = results["lightning_ep2"]
+    alone = results["alone_x2"]["tokens_per_s"]
+    print(
+        f"lightning ep2 / two independent processes (tokens/s, target >= 0.95): {lt['tokens_per_s'] / alone:.3f}"
+    )
+    last = runs["lightning_ep2"][-1]
+    print(
+        f"lightning ep2, per step (median): inside all-to-all per rank {[round(x * 1000) for x in last['a2a_s_per_rank']]} ms "
+        f"(last round), dense-gradient wait before the step {lt['dense_exposed_s'] * 1000:.1f} ms"
+    )
     print(
         f"all-to-all token bytes per step, all ranks: {lt['a2a_bytes']:.0f} measured, "
         f"{lt['a2a_analytic']:.0f} analytical, ratio {lt['a2a_bytes'] / lt['a2a_analytic']:.4f}"
