@@ -25,10 +25,14 @@ class Comm(L.Callback):
         self.steps.append(dict(trainer.strategy.last_communication))
 
 
-def _fit(world: int, kind: str | None) -> dict:
+def _fit(world: int, kind: str | None, distributed_optimizer: bool = False) -> dict:
     L.seed_everything(SEED, verbose=False)
     strategy = lightning_par.HybridParallelStrategy(
-        tensor_parallel_size=1, gradient_compression=kind, powersgd_rank=RANK, powersgd_start_step=START
+        tensor_parallel_size=1,
+        gradient_compression=kind,
+        powersgd_rank=RANK,
+        powersgd_start_step=START,
+        distributed_optimizer=distributed_optimizer,
     )
     rec, comm = Recorder(), Comm()
     trainer = quiet_trainer(strategy, world, max_steps=STEPS, callbacks=[rec, comm])
@@ -36,11 +40,22 @@ def _fit(world: int, kind: str | None) -> dict:
     data = FixedBatches(64, TINY["block_size"], TINY["vocab_size"])
     trainer.fit(model, DataLoader(data, batch_size=BATCH))
     shapes = [tuple(p.shape) for p in model.parameters()]
-    return {"grads": rec.grads, "comm": comm.steps, "losses": rec.losses, "shapes": shapes}
+    padded = sum(b.padded for buckets in trainer.strategy._all_buckets for b in buckets.buckets)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {
+        "grads": rec.grads,
+        "comm": comm.steps,
+        "losses": rec.losses,
+        "shapes": shapes,
+        "padded": padded,
+        "params": params,
+    }
 
 
 def _runs(rank: int, world: int) -> dict:
-    return {kind: _fit(world, kind) for kind in KINDS}
+    out = {kind: _fit(world, kind) for kind in KINDS}
+    out["bf16 reduce-scatter"] = _fit(world, "bf16", distributed_optimizer=True)
+    return out
 
 
 def _powersgd_elements(shapes: list[tuple[int, ...]], rank: int) -> int:
@@ -83,6 +98,16 @@ def test_compressed_reductions_send_the_counted_bytes_and_stay_close():
             scale = g.abs().max()
             err = (res[kind]["grads"][0][name] - g).abs().max()
             assert err <= rtol * scale + 1e-9, (kind, name, float(err), float(scale))
+    # The distributed optimizer's reduce-scatter in bf16: its buckets are padded to a multiple of dp.
+    do = res["bf16 reduce-scatter"]
+    assert do["padded"] - numel < 2 * len(res[None]["shapes"])
+    for c in do["comm"]:
+        assert (
+            c["comm/grad_bytes"] == 2 * do["padded"] and c["comm/grad_bytes_uncompressed"] == 4 * do["padded"]
+        )
+    assert all(torch.isfinite(torch.tensor(do["losses"])))
+    for name, value in do["params"].items():  # (the replicas gathered the same weights)
+        assert torch.equal(value, results[1]["bf16 reduce-scatter"]["params"][name]), name
     # Both replicas applied the same (compressed) update: their gradients agree bitwise.
     for kind in KINDS:
         for step in range(STEPS):
