@@ -146,6 +146,7 @@ class DistributedOptimizer:
                 pieces[id(p)] = piece
         self.pieces = pieces
         self._pending: dict[int, tuple[Bucket, Tensor, Any]] = {}
+        self._gather_hooks: list[Any] = []
         for group, params in zip(optimizer.param_groups, self.groups, strict=True):
             group["params"] = [pieces[id(p)].shard for p in params if id(p) in pieces]
 
@@ -194,7 +195,13 @@ class DistributedOptimizer:
         for m, params in plans:
             ids = frozenset(bucket_of[id(p)] for p in params if id(p) in bucket_of)
             if ids:
-                m.register_forward_pre_hook(lambda _m, _args, ids=ids: self.wait_gathers(ids))
+                hook = m.register_forward_pre_hook(lambda _m, _args, ids=ids: self.wait_gathers(ids))
+                self._gather_hooks.append(hook)
+
+    def remove_gather_hooks(self) -> None:
+        for hook in self._gather_hooks:
+            hook.remove()
+        self._gather_hooks = []
 
     @torch.no_grad()
     def wait_gathers(self, ids: Iterable[int] | None = None) -> None:

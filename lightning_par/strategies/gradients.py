@@ -212,6 +212,14 @@ class GradientHandling:
         self.wait_parameter_gathers()
         super().on_train_end()
 
+    def teardown(self) -> None:
+        # (a later Trainer over the same module installs its own)
+        for b in self._all_buckets:
+            b.remove_hooks()
+        for d in self.distributed_optimizers.values():
+            d.remove_gather_hooks()
+        super().teardown()
+
     def _log_communication(self) -> None:
         """``comm/grad_bytes`` (what this rank handed to the step's gradient collectives, compressed),
         ``comm/grad_bytes_uncompressed`` and ``comm/grad_exposed_s`` (the wait backward did not hide)."""
