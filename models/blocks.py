@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by GPT and BERT, written once for every layout.
+"""Transformer building blocks shared by GPT and BERT (and the block structure Llama's blocks follow).
 
 Activations are sequence-first, ``[T, B, C]``. The linear layers are
 :class:`lightning_par.tensor_parallel.ParallelLinear`: plain ``nn.Linear`` in one process, column- or
@@ -83,36 +83,23 @@ class MLP(nn.Module):
         return self.dropout(self.proj.add_bias(y))
 
 
-class Block(nn.Module):
-    """A transformer block; ``pre_norm=True`` is GPT-2's layout, ``False`` the original (BERT) one.
+class ResidualBlock(nn.Module):
+    """Two residual halves, attention then MLP, each behind its norm: what every layout relies on.
 
-    A pipeline stage may hold one half of a block (:data:`PARTS`): the other half's modules are then None
-    and ``forward`` skips them.
+    Subclasses build ``ln_1``, ``attn``, ``ln_2`` and ``mlp`` (and set ``pre_norm``); the pipeline split
+    (:data:`PARTS`), activation recomputation and :func:`forward_interleaved` see only these four names. A
+    pipeline stage may hold one half of a block: the other half's modules are then None and ``forward``
+    skips them.
     """
 
     PARTS = {"attn": ("ln_1", "attn"), "mlp": ("ln_2", "mlp")}
     """The block's halves in forward order, each with its submodules (where pipeline stages may cut)."""
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        bias: bool = True,
-        dropout: float = 0.0,
-        causal: bool = True,
-        pre_norm: bool = True,
-        layer_norm_eps: float = 1e-5,
-        mlp_hidden: int | None = None,
-        gelu: str = "tanh",
-        mlp: nn.Module | None = None,
-    ) -> None:
-        """``mlp`` replaces the dense MLP (a :class:`lightning_par.experts.MoE` layer)."""
-        super().__init__()
-        self.pre_norm = pre_norm
-        self.ln_1 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
-        self.attn = SelfAttention(n_embd, n_head, bias, dropout, causal)
-        self.ln_2 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
-        self.mlp = mlp if mlp is not None else MLP(n_embd, mlp_hidden or 4 * n_embd, bias, dropout, gelu)
+    pre_norm = True
+    ln_1: nn.Module | None
+    attn: nn.Module | None
+    ln_2: nn.Module | None
+    mlp: nn.Module | None
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         if self.attn is not None:
@@ -136,13 +123,38 @@ class Block(nn.Module):
         return None
 
 
-def forward_interleaved(blocks: list[Block], chunks: list[Tensor]) -> list[Tensor]:
+class Block(ResidualBlock):
+    """A GPT / BERT block; ``pre_norm=True`` is GPT-2's layout, ``False`` the original (BERT) one."""
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        causal: bool = True,
+        pre_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        mlp_hidden: int | None = None,
+        gelu: str = "tanh",
+        mlp: nn.Module | None = None,
+    ) -> None:
+        """``mlp`` replaces the dense MLP (a :class:`lightning_par.experts.MoE` layer)."""
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.ln_1 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
+        self.attn = SelfAttention(n_embd, n_head, bias, dropout, causal)
+        self.ln_2 = LayerNorm(n_embd, eps=layer_norm_eps, bias=bias)
+        self.mlp = mlp if mlp is not None else MLP(n_embd, mlp_hidden or 4 * n_embd, bias, dropout, gelu)
+
+
+def forward_interleaved(blocks: list[ResidualBlock], chunks: list[Tensor]) -> list[Tensor]:
     """Run pre-norm blocks on several chunks of the batch, overlapping communication with compute.
 
     The blocks are taken half by half (attention, MLP). Each chunk's row-parallel all-reduce is left in
     flight while the other chunks compute the same half, and is waited on only when that chunk goes on
     to its next half. With two chunks every all-reduce but the last overlaps a matmul of the other
-    chunk. Each token sees exactly the operations of ``Block.forward`` (no attention mask: causal).
+    chunk. Each token sees exactly the operations of ``ResidualBlock.forward`` (no attention mask: causal).
     """
     if any(not b.pre_norm for b in blocks):
         raise ValueError("forward_interleaved supports pre-norm blocks only.")

@@ -7,27 +7,18 @@ the pipeline network protocol (``embed``, ``layers``, ``norm``, ``head``, ``loss
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from lightning_par.models.blocks import MLP, Block, forward_interleaved
+from lightning_par.models.blocks import MLP, Block
+from lightning_par.models.lm_network import CausalLMNetwork, padded_vocab
 from torch import Tensor, nn
 
 from lightning_par.experts.layer import MoE
 from lightning_par.experts.router import check_moe
-from lightning_par.initialization import Shard, name_seed
 from lightning_par.optim.gradients import local
-from lightning_par.tensor_parallel.layers import (
-    LayerNorm,
-    ParallelEmbedding,
-    ParallelLinear,
-    vocab_parallel_cross_entropy,
-)
+from lightning_par.tensor_parallel.layers import LayerNorm, ParallelEmbedding, ParallelLinear
 
 
-@dataclass
 @dataclass
 class GPTConfig:
     """Shape and regularisation of a GPT-2 style model."""
@@ -89,8 +80,7 @@ class GPTConfig:
         return [i for i in range(self.n_layer) if (i + 1) % self.moe_layer_freq == 0]
 
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
-        multiple = math.lcm(self.pad_vocab_size_multiple, tensor_parallel_size)
-        return -(-self.vocab_size // multiple) * multiple
+        return padded_vocab(self.vocab_size, self.pad_vocab_size_multiple, tensor_parallel_size)
 
 
 class GPTEmbedding(nn.Module):
@@ -111,7 +101,7 @@ class GPTEmbedding(nn.Module):
         return self.drop(tokens + pos.unsqueeze(1))
 
 
-class GPTNetwork(nn.Module):
+class GPTNetwork(CausalLMNetwork):
     """The GPT-2 network; returns sequence-first logits ``[T, B, V_local]``."""
 
     def __init__(self, cfg: GPTConfig, padded_vocab: int) -> None:
@@ -152,69 +142,6 @@ class GPTNetwork(nn.Module):
             jitter=cfg.moe_jitter,
         )
 
-    def moe_modules(self) -> dict[int, MoE]:
-        """This rank's MoE layers by global layer index."""
-        return {int(i): b.mlp for i, b in self.layers.items() if isinstance(b.mlp, MoE)}
-
-    def pop_aux_loss(self) -> Tensor | None:
-        """The MoE layers' weighted aux-loss sums since the last call (added to the loss sum)."""
-        terms = [t for m in self.moe_modules().values() if (t := m.pop_aux()) is not None]
-        return torch.stack(terms).sum() if terms else None
-
-    def tie_weights(self) -> None:
-        """Share the token embedding with the output head (again after sharding: ``parallelize_module`` replaces parameters, which unties them)."""
-        if self.cfg.tie_embeddings and self.embed is not None and self.head is not None:
-            self.head.weight = self.embed.wte.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.embed is not None:
-            if x.shape[1] > self.cfg.block_size:
-                raise ValueError(
-                    f"sequence length {x.shape[1]} exceeds block_size={self.cfg.block_size}; "
-                    f"use sequences of at most {self.cfg.block_size} tokens."
-                )
-            x = self.embed(x)
-        blocks = list(self.layers.values())
-        chunks = self.overlap_chunks(x.shape[1])
-        if chunks > 1:
-            # Tensor parallel: split the batch so one chunk's all-reduces overlap the other's matmuls.
-            parts = forward_interleaved(blocks, [c.contiguous() for c in x.chunk(chunks, dim=1)])
-            x = torch.cat(parts, dim=1)
-        else:
-            for layer in blocks:
-                x = layer(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.head is not None:
-            x = self.head(x)
-        return x
-
-    def overlap_chunks(self, batch_size: int) -> int:
-        """Batch chunks for communication overlap: the plan's ``comm_chunks`` under plain tensor parallel."""
-        if not self.layers or self.cfg.num_experts:
-            return 1  # (MoE layers have no deferred all-reduce to overlap)
-        info = next(iter(self.layers.values())).tp_info()
-        if info is None or info.sequence_parallel:
-            return 1
-        return max(1, min(info.comm_chunks, batch_size))
-
-    def loss_fn(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Shifted next-token loss: ``(sum over counted tokens, number of counted tokens)``.
-
-        ``logits`` are ``[T, B, V_local]``; ``labels`` are ``[B, T]`` aligned with the inputs (the model
-        shifts), ``-100`` ignored. Padded vocabulary rows are masked out.
-        """
-        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).t()  # [T, B]
-        info = self.head.tp if self.head is not None else None
-        if info is None:
-            logits = logits[..., : self.cfg.vocab_size]
-        return vocab_parallel_cross_entropy(logits, shifted, info)
-
-    @staticmethod
-    def count_loss_tokens(labels: Tensor) -> Tensor:
-        """The number of tokens :meth:`loss_fn` counts (known before any stage runs: pipeline scaling)."""
-        return (labels[:, 1:] != -100).sum()
-
     # ---- initialisation: same numbers on every layout ---------------------------------------------
     def init_std(self, name: str) -> float | None:
         """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer); None: constant."""
@@ -225,21 +152,3 @@ class GPTNetwork(nn.Module):
         if name.endswith("attn.proj.weight") or (".mlp." in name and name.endswith("proj.weight")):
             return 0.02 / math.sqrt(2 * self.cfg.n_layer)
         return 0.02
-
-    def random_init_source(self, seed: int) -> Callable[..., Tensor]:
-        """Every rank draws the whole tensor (so the numbers do not depend on the layout); the caller slices."""
-
-        def source(name: str, shape: torch.Size, shard: Shard | None = None) -> Tensor:
-            if name == "head.weight" and self.cfg.tie_embeddings:
-                name = "embed.wte.weight"  # a pipeline rank holding only the head: same numbers as the tie
-            std = self.init_std(name)
-            if std is None:
-                fill = 1.0 if name.endswith("weight") else 0.0
-                return torch.full(shape, fill)
-            gen = torch.Generator().manual_seed(name_seed(seed, name))
-            full = torch.empty(shape).normal_(0.0, std, generator=gen)
-            if name in ("embed.wte.weight", "head.weight"):
-                full[self.cfg.vocab_size :] = 0.0  # padded vocabulary rows
-            return full
-
-        return source

@@ -110,7 +110,7 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{str(config_file)!r} not found: a GPT-2 checkpoint directory needs config.json."
+            f"{str(config_file)!r} not found: a Hugging Face checkpoint directory needs config.json."
         )
     try:
         config = json.loads(config_file.read_text())
@@ -211,7 +211,7 @@ def _safetensors_key_map(directory: Path) -> dict[str, Path]:
         raise FileNotFoundError(
             f"no safetensors weights in {str(directory)!r}{found}: safetensors is required (pickled "
             "pytorch_model.bin checkpoints are never loaded, for safety and memory-mapped reading). Convert it "
-            "once with transformers: GPT2LMHeadModel.from_pretrained(d).save_pretrained(d, safe_serialization=True)."
+            "once with transformers: AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True)."
         )
     key_map: dict[str, Path] = {}
     for file in files:

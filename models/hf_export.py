@@ -128,6 +128,22 @@ def export_gpt2(model: GPT, out_dir: str | os.PathLike) -> Path:
     return save_gpt2_hf(model.model.state_dict(), model.config, out_dir)
 
 
+def model_for_export(cls: type, hparams: dict[str, Any], saved: Any) -> Any:
+    """A one-process ``cls`` (a :class:`~lightning_par.models.causal_lm.CausalLM`) rebuilt from a
+    checkpoint's hyper-parameters, its network's padded vocabulary read off the saved embedding."""
+    import inspect
+
+    if not hparams or "n_layer" not in hparams:
+        raise ValueError(f"the checkpoint has no {cls.__name__} hyper-parameters to rebuild the model from.")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "hf_checkpoint"}
+    model = cls(**{k: v for k, v in hparams.items() if k in accepted})
+    wte = saved.get("model.embed.wte.weight")
+    if wte is None:
+        raise KeyError(f"the checkpoint has no model.embed.wte.weight: not a {cls.__name__} checkpoint.")
+    model.model = model._build_network(int(wte.size[0]))
+    return model
+
+
 def export_gpt2_checkpoint(
     hparams: dict[str, Any], saved: Any, load: Callable[[dict[str, Tensor]], None], out: Path
 ) -> Path:
@@ -136,24 +152,14 @@ def export_gpt2_checkpoint(
     The model shape comes from the hyper-parameters in ``meta.pt``, the padded vocabulary from the saved
     tensors.
     """
-    import inspect
+    from lightning_par.models.gpt import GPT
 
-    from lightning_par.models.gpt import GPT, GPTNetwork
-
-    if not hparams or "n_layer" not in hparams:
-        raise ValueError("the checkpoint has no GPT hyper-parameters to rebuild the model from.")
-    accepted = set(inspect.signature(GPT.__init__).parameters) - {"self", "hf_checkpoint"}
-    model = GPT(**{k: v for k, v in hparams.items() if k in accepted})
+    model = model_for_export(GPT, hparams, saved)
     if model.config.num_experts:
         raise ValueError(
             "the checkpoint is a mixture-of-experts GPT (num_experts="
             f"{model.config.num_experts}); GPT-2 in transformers has no expert layers, so it cannot be exported "
             f"as GPT2LMHeadModel. Export a dense GPT (num_experts=0)."
         )
-    wte = saved.get("model.embed.wte.weight")
-    if wte is None:
-        raise KeyError("the checkpoint has no model.embed.wte.weight: not a GPT checkpoint.")
-    model.model = GPTNetwork(model.config, int(wte.size[0]))
-    state = model.state_dict()
-    load(state)
+    load(model.state_dict())
     return export_gpt2(model, out)

@@ -83,13 +83,16 @@ def trainer_run(
     clip: float | None,
     data: Dataset,
     model_kw: dict | None = None,
+    model_cls: type = GPT,
+    base_kw: dict | None = None,
 ) -> dict:
-    """Train ``GPT(**TINY)`` for ``steps`` with ``strategy``; return what this rank saw (full tensors).
+    """Train ``model_cls(**base_kw, **model_kw)`` (default ``GPT(**TINY)``) for ``steps`` with ``strategy``;
+    return what this rank saw (full tensors).
 
     Under pipeline parallel a rank sees only its stages' parameters: merge ranks with :func:`merge_ranks`.
     """
     L.seed_everything(SEED, verbose=False)
-    model = GPT(**{**TINY, **(model_kw or {})}, **OPTIM)
+    model = model_cls(**{**(TINY if base_kw is None else base_kw), **(model_kw or {})}, **OPTIM)
     rec = Recorder()
     trainer = quiet_trainer(
         strategy,
@@ -109,6 +112,7 @@ def trainer_run(
         "norms": rec.norms,
         "params": params,
         "moe": rec.moe,
+        "tied": model.config.tie_embeddings,
     }
 
 
@@ -120,18 +124,19 @@ def merge_ranks(results: list[dict]) -> dict:
     the tie's sum, weights after every step) and is then dropped, as one process has a single tensor.
     """
     merged = {k: results[0][k] for k in ("losses", "norms", "moe") if k in results[0]}
+    tied = results[0].get("tied", True)
     for key in ("grads", "clipped"):
         steps = []
         for step in range(len(results[0][key])):
             union: dict[str, torch.Tensor] = {}
             for r in results:
                 union.update(r[key][step])
-            steps.append(_untie(union, f"{key} step {step}"))
+            steps.append(_untie(union, f"{key} step {step}") if tied else union)
         merged[key] = steps
     union = {}
     for r in results:
         union.update(r["params"])
-    merged["params"] = _untie(union, "weights")
+    merged["params"] = _untie(union, "weights") if tied else union
     return merged
 
 
@@ -144,11 +149,17 @@ def _untie(named: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]
 
 
 def reference_run(
-    steps: int, batch_size: int, clip: float | None, data: Dataset, model_kw: dict | None = None
+    steps: int,
+    batch_size: int,
+    clip: float | None,
+    data: Dataset,
+    model_kw: dict | None = None,
+    model_cls: type = GPT,
+    base_kw: dict | None = None,
 ) -> dict:
     """The same training in one process with plain PyTorch (the independent reference)."""
     L.seed_everything(SEED, verbose=False)
-    model = GPT(**{**TINY, **(model_kw or {})}, **OPTIM)
+    model = model_cls(**{**(TINY if base_kw is None else base_kw), **(model_kw or {})}, **OPTIM)
     model.configure_model()
     opt = torch.optim.AdamW(model._param_groups(), lr=OPTIM["learning_rate"], betas=(0.9, 0.95))
     from lightning_par.models.base import warmup_cosine
