@@ -2,6 +2,7 @@
 
     python benchmarks/tp_speed.py            # the nanoGPT-like shape
     python benchmarks/tp_speed.py --smoke    # tiny shape, 2 steps: checks the script still runs
+    python benchmarks/tp_speed.py --model llama --variants tp1,tp2   # Llama of the same size
 
 Every variant trains the same GPT through ``lightning.Trainer`` (AdamW, no clipping) on random tokens:
 
@@ -32,6 +33,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPE = dict(vocab_size=4096, n_layer=4, n_head=8, n_embd=512, block_size=256)
+# ``--model llama``: the same size as Llama (8 query heads over 4 kv heads, SwiGLU of width 1408 = 2.75 h)
+LLAMA = dict(
+    vocab_size=4096,
+    n_layer=4,
+    n_head=8,
+    n_kv_head=4,
+    n_embd=512,
+    intermediate_size=1408,
+    max_position_embeddings=256,
+)
+LLAMA_SMOKE = dict(
+    vocab_size=256,
+    n_layer=1,
+    n_head=2,
+    n_kv_head=1,
+    n_embd=32,
+    intermediate_size=64,
+    max_position_embeddings=16,
+)
 SMOKE = dict(vocab_size=256, n_layer=1, n_head=2, n_embd=32, block_size=16)
 
 
@@ -46,6 +66,7 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
     from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
+    seq = shape.get("block_size") or shape["max_position_embeddings"]
 
     class RandomTokens(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -53,7 +74,7 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
 
         def __getitem__(self, i: int) -> dict:
             g = torch.Generator().manual_seed(i)
-            ids = torch.randint(0, shape["vocab_size"], (shape["block_size"],), generator=g)
+            ids = torch.randint(0, shape["vocab_size"], (seq,), generator=g)
             return {"input_ids": ids, "labels": ids}
 
     class StepTimer(L.Callback):
@@ -122,6 +143,10 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
             return cfg
 
     model_cls, devices = GPT, world
+    if "n_kv_head" in shape:
+        from lightning_par.models import Llama
+
+        model_cls = Llama
     if name == "tp1":
         strategy = "auto"
     elif name == "tp2":
@@ -157,6 +182,7 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape, 2 steps")
+    parser.add_argument("--model", choices=("gpt", "llama"), default="gpt", help="GPT or Llama of that size")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
@@ -166,9 +192,10 @@ def main() -> None:
     args = parser.parse_args()
     from tests.harness import run_distributed
 
-    shape, batch = (SMOKE, 2) if args.smoke else (SHAPE, 8)
+    shapes = {"gpt": (SMOKE, SHAPE), "llama": (LLAMA_SMOKE, LLAMA)}[args.model]
+    shape, batch = (shapes[0], 2) if args.smoke else (shapes[1], 8)
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
-    tokens = batch * shape["block_size"]
+    tokens = batch * (shape.get("block_size") or shape["max_position_embeddings"])
     names = args.variants.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.repeat):

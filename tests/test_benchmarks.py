@@ -27,6 +27,8 @@ def test_tp_speed_smoke():
     out = _smoke("tp_speed.py", "--variants", "tp1,tp2,lightning_mp")
     assert "tp2 time split:" in out
     assert "tp2 / lightning_mp:" in out
+    out = _smoke("tp_speed.py", "--model", "llama", "--variants", "tp1,tp2")
+    assert "tp2 time split:" in out
 
 
 def test_pp_speed_smoke():
