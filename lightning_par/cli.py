@@ -5,6 +5,7 @@ YAML file with command-line overrides; ``--print_config`` prints a complete conf
 ``lightning-par export-hf CKPT_DIR OUT_DIR`` writes a Hugging Face directory from a sharded checkpoint;
 ``lightning-par consolidate CKPT_DIR OUT.ckpt [--no-optimizer] [--model CLASS]`` one ordinary Lightning
 checkpoint file (for ``Trainer(strategy="auto")``, ``load_from_checkpoint``, ``torch.load``).
+``lightning-par plan --config CFG --gpus 64 --gpu h100-80gb`` ranks the layouts of a model on a cluster.
 Importing ``lightning_par`` first registers the strategy names (``strategy: tp``) with Lightning.
 """
 
@@ -29,12 +30,13 @@ def export_hf_main(args: list[str]) -> None:
     """``lightning-par export-hf CKPT_DIR OUT_DIR``: one process, no training layout needed."""
     import argparse
 
-    import lightning_par.models  # noqa: F401  (registers the GPT-2 and BERT exporters)
+    import lightning_par.models  # noqa: F401  (registers the GPT-2, BERT and Llama exporters)
     from lightning_par.checkpoint.hf import export_hf
 
     parser = argparse.ArgumentParser(
         prog="lightning-par export-hf",
-        description="Write a Hugging Face GPT-2 directory (config.json + safetensors) from a sharded checkpoint.",
+        description="Write a Hugging Face directory (config.json + safetensors: GPT-2, BERT, Llama or Mixtral) "
+        "from a sharded checkpoint.",
     )
     parser.add_argument(
         "checkpoint_dir", help="a checkpoint directory written by the strategy (e.g. last.ckpt)"
@@ -90,6 +92,11 @@ def main(args: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "consolidate":
         consolidate_main(argv[1:])
+        return
+    if argv and argv[0] == "plan":
+        from lightning_par.planner.cli import plan_main
+
+        plan_main(argv[1:])
         return
     ParallelCLI(
         L.LightningModule,

@@ -1,0 +1,162 @@
+"""What a device can do: presets for NVIDIA GPUs, and profiles measured on this machine (``--calibrate``).
+
+A collective over ``n`` ranks moving a buffer of ``B`` bytes takes ``latency + factor(n) * B / bandwidth``
+with NCCL's bus-bandwidth factors: ``2 (n - 1) / n`` for all-reduce, ``(n - 1) / n`` for reduce-scatter,
+all-gather and all-to-all, 1 for a point-to-point send. A group inside one node uses the NVLink figures,
+a group that spans nodes the per-GPU network figures.
+
+Sources of the presets (dense bf16 peaks, no sparsity):
+
+* A100 SXM 40 / 80 GB: 312 TFLOP/s bf16, HBM2 1,555 GB/s (40 GB) and HBM2e 2,039 GB/s (80 GB), NVLink 3
+  600 GB/s per GPU in both directions together (NVIDIA A100 datasheet, 2021). DGX A100 nodes have one
+  200 Gb/s HDR InfiniBand adapter per GPU (DGX A100 user guide): 25 GB/s per GPU between nodes, as in
+  the Megatron-LM runs (Narayanan et al. 2021, section 5).
+* H100 SXM 80 GB: 989 TFLOP/s bf16, HBM3 3.35 TB/s, NVLink 4 900 GB/s (NVIDIA H100 datasheet); DGX H100:
+  one 400 Gb/s NDR adapter per GPU, 50 GB/s.
+* H200 SXM: the H100's compute and NVLink, 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet); NDR 400 Gb/s.
+
+Efficiency assumptions (one value per preset family, reasoned, not fitted to any table row):
+
+* ``matmul_efficiency = 0.6``: cuBLAS sustains 70-80% of the bf16 peak on large GEMMs on A100 and H100
+  (NVIDIA Deep Learning Performance Guide, "Matrix Multiplication Background": large-GEMM throughput
+  curves); a training step's GEMMs have one side of h / tp and lose another 10-20% to tile and wave
+  quantization (same guide), hence 0.6.
+* ``attention_efficiency = 0.45``: fused (flash) attention forward + backward reaches 40-55% of the A100
+  peak at head dim 64-128 and sequence 2k with a causal mask (Dao 2023, FlashAttention-2, benchmarks).
+* ``memory_efficiency = 0.8``: element-wise kernels (layer norm, GELU, adds, copies) stream at about 80% of
+  the HBM bandwidth (STREAM-style copies on A100/H100 reach 80-90%).
+* ``link_efficiency = 0.8``: NCCL bus bandwidth is 75-85% of the link rate: nccl-tests all-reduce on
+  DGX A100 reaches about 230 of 300 GB/s one-way NVLink, and 20-23 of 25 GB/s across HDR nodes.
+* latencies: 10 us per NCCL collective inside a node, 20 us across nodes (nccl-tests small-message times).
+* ``usable_memory_fraction = 0.92``: the CUDA context, NCCL buffers and allocator fragmentation take a few
+  GiB of a GPU (about 6 of 80 GB is a common observation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One kind of connection: achieved bus bandwidth (bytes/s) and latency (s) per collective."""
+
+    bandwidth: float
+    latency: float
+    measured: tuple[tuple[str, float, float], ...] = ()
+    """Measured ``(op, bandwidth, latency)`` where a backend differs between collectives (gloo)."""
+
+    @property
+    def per_op(self) -> dict[str, tuple[float, float]]:
+        return {op: (bw, lat) for op, bw, lat in self.measured}
+
+    def time(self, op: str, nbytes: float, n: int) -> float:
+        """Seconds for collective ``op`` over ``n`` ranks of a ``nbytes`` buffer (0 for one rank)."""
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        bw, lat = next(((b, la) for o, b, la in self.measured if o == op), (self.bandwidth, self.latency))
+        factor = {"all_reduce": 2 * (n - 1) / n, "p2p": 1.0}.get(op, (n - 1) / n)
+        return lat + factor * nbytes / bw
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device (one per rank) and the links between ranks."""
+
+    name: str
+    peak_flops: float
+    """Dense peak of the training dtype, FLOP/s (bf16 on GPUs; fp32 measured on a CPU)."""
+    memory_bytes: float
+    memory_bandwidth: float
+    intra_node: Link
+    inter_node: Link
+    matmul_efficiency: float = 0.6
+    attention_efficiency: float = 0.45
+    memory_efficiency: float = 0.8
+    usable_memory_fraction: float = 0.92
+    op_overhead: float = 0.0
+    """Seconds of host time per tensor op (dispatch, autograd); 0 on GPUs, whose launches are asynchronous
+    and hide behind kernels that run for milliseconds at training sizes."""
+    compute_slots: int | None = None
+    """How many ranks can compute at full speed at once (CPU cores); ``None``: each rank has its own device."""
+    source: str = "preset"
+
+    @property
+    def matmul_flops(self) -> float:
+        return self.peak_flops * self.matmul_efficiency
+
+    @property
+    def usable_memory(self) -> float:
+        return self.memory_bytes * self.usable_memory_fraction
+
+    def slowdown(self, ranks: int) -> float:
+        """Compute time factor when ``ranks`` processes share ``compute_slots`` cores."""
+        if self.compute_slots is None:
+            return 1.0
+        return max(1.0, ranks / self.compute_slots)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("intra_node", "inter_node"):
+            link = getattr(self, key)
+            data[key] = {"bandwidth": link.bandwidth, "latency": link.latency, "per_op": link.per_op}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceSpec:
+        """A profile from its JSON (``per_op``: ``{op: [bandwidth, latency]}``)."""
+        links = {}
+        for key in ("intra_node", "inter_node"):
+            raw = data[key]
+            measured = tuple((op, float(v[0]), float(v[1])) for op, v in raw.get("per_op", {}).items())
+            links[key] = Link(float(raw["bandwidth"]), float(raw["latency"]), measured)
+        return cls(**{**data, **links})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+GB = 1e9
+_NVLINK3 = Link(bandwidth=0.8 * 300 * GB, latency=10e-6)  # 600 GB/s bidirectional: 300 one way
+_NVLINK4 = Link(bandwidth=0.8 * 450 * GB, latency=10e-6)
+_HDR = Link(bandwidth=0.8 * 25 * GB, latency=20e-6)  # 200 Gb/s per GPU
+_NDR = Link(bandwidth=0.8 * 50 * GB, latency=20e-6)  # 400 Gb/s per GPU
+
+PRESETS: dict[str, DeviceSpec] = {
+    "a100-40gb": DeviceSpec("a100-40gb", 312e12, 40 * GB, 1555 * GB, _NVLINK3, _HDR),
+    "a100-80gb": DeviceSpec("a100-80gb", 312e12, 80 * GB, 2039 * GB, _NVLINK3, _HDR),
+    "h100-80gb": DeviceSpec("h100-80gb", 989e12, 80 * GB, 3350 * GB, _NVLINK4, _NDR),
+    "h200": DeviceSpec("h200", 989e12, 141 * GB, 4800 * GB, _NVLINK4, _NDR),
+}
+"""GPU presets by name (see the module docstring for sources)."""
+
+
+def get_device(device: str | Path | DeviceSpec) -> DeviceSpec:
+    """A preset by name, a profile saved by ``--calibrate`` (a ``.json`` path), or a spec as is."""
+    if isinstance(device, DeviceSpec):
+        return device
+    key = str(device)
+    if key.lower() in PRESETS:
+        return PRESETS[key.lower()]
+    path = Path(key)
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(
+                f"device profile {key!r} does not exist; run `lightning-par plan --calibrate` first."
+            )
+        return DeviceSpec.from_json(json.loads(path.read_text()))
+    raise ValueError(
+        f"device={key!r} is not known; valid presets: {sorted(PRESETS)}, or a profile .json path."
+    )
+
+
+def with_memory(device: DeviceSpec, memory_bytes: float) -> DeviceSpec:
+    """The same device with another memory size (what-if planning)."""
+    return replace(device, memory_bytes=memory_bytes)

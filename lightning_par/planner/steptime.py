@@ -1,0 +1,211 @@
+"""The cost model's step time of one layout, from the same quantities the code runs.
+
+Time: matmul FLOPs (forward, 2x backward, one more forward when recomputing) at the device's achievable
+matmul rate, attention at its own rate, element-wise work as memory traffic (five passes over the saved
+bytes: written and read in forward, read and gradients in backward), AdamW's step as memory traffic (32 bytes
+per stepped element), the schedule's bubble ``(p - 1) / (v m)`` of the pipeline's busy time, and the
+collectives each layout issues with their sizes: tp all-reduces (sequence parallel: reduce-scatter /
+all-gather) per block half in forward and backward (again in a full recompute), of which the backward
+input-gradient reduction hides behind the weight-gradient matmul; ep all-to-alls there and back in
+forward and backward; pp activations and gradients per micro-batch and stage; dp gradient all-reduce
+(distributed optimizer: reduce-scatter and, after the step, all-gather) hidden behind the last
+micro-batch's backward except its last bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lightning_par.planner.cost import (
+    PRECISIONS,
+    Layout,
+    Shard,
+    _stage_split,
+    attn_activations,
+    head_activations,
+    mlp_activations,
+    rank_stages,
+    shard_of,
+)
+from lightning_par.planner.devices import DeviceSpec, Link
+from lightning_par.planner.model import ModelSpec
+
+BUCKET_BYTES = 25 * 2**20  # gradient_bucket_mb=25
+ADAMW_BYTES_PER_ELEMENT = 32  # reads p, g, m, v and writes p, m, v (fp32), plus the norm's read of g
+OPS = {"attn": 40, "mlp": 30, "moe": 150, "head": 40}
+"""Tensor ops per block half and micro-batch, forward and backward (autograd nodes and their kernels, as
+this code's halves issue them: layer norm, linears, attention, reshapes, GELU, adds; a MoE half adds the
+router, sorting, gathers and per-expert linears), what the host pays ``op_overhead`` for."""
+
+
+def _link(device: DeviceSpec, span: int, devices_per_node: int) -> Link:
+    """Ranks ``span`` apart in the mesh are in one node when the group fits in it."""
+    return device.intra_node if span <= devices_per_node else device.inter_node
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """Per-rank throughputs and the links a stage's collectives use (hashable: stage times are cached)."""
+
+    matmul: float
+    attention: float
+    memory: float
+    op: float
+    tp_link: Link
+    ep_link: Link
+
+
+def _stage_time(
+    spec: ModelSpec,
+    pieces: tuple[tuple[int, str], ...],
+    shard: Shard,
+    n: int,
+    seq_len: int,
+    ab: int,
+    recompute: bool,
+    first: bool,
+    last: bool,
+    rates: _Rates,
+) -> tuple[float, float]:
+    """(compute seconds, exposed tp and ep seconds) of one micro-batch through one stage."""
+    h, t, f = spec.n_embd, shard.tp, 4 * spec.n_embd
+    k, e = spec.moe_top_k, spec.num_experts
+    tp, ep = rates.tp_link, rates.ep_link
+    passes = 4.0 if recompute else 3.0  # forward, backward (2x), forward again
+    sp = shard.sequence_parallel
+
+    def tp_comm(tokens: float, wgrad_s: float) -> float:
+        """Exposed tp seconds of one block half (forward, backward, recompute)."""
+        if t == 1:
+            return 0.0
+        size = ab * tokens * h
+        if sp:
+            fwd = tp.time("all_gather", size, t) + tp.time("reduce_scatter", size, t)
+            hidden, bwd = tp.time("reduce_scatter", size, t), tp.time("all_gather", size, t)
+        else:
+            fwd, hidden, bwd = tp.time("all_reduce", size, t), tp.time("all_reduce", size, t), 0.0
+        return fwd * (2 if recompute else 1) + bwd + max(0.0, hidden - wgrad_s)
+
+    compute = exposed = 0.0
+    for layer, half in pieces:
+        if half == "attn":
+            act = attn_activations(spec, n, shard, ab)
+            compute += passes * (2 * n * 4 * h * h / t) / rates.matmul
+            compute += passes * (4 * n * seq_len * h / t) / rates.attention
+            exposed += tp_comm(n, (2 * n * 3 * h * h / t) / rates.matmul)
+        elif layer in spec.moe_layers:
+            act = mlp_activations(spec, layer, n, shard, ab)
+            compute += passes * (2 * n * h * e + 2 * n * k * 2 * h * f / t) / rates.matmul
+            exposed += tp_comm(n * k, (2 * n * k * h * f / t) / rates.matmul)
+            if shard.ep > 1:  # tokens there and back, forward and backward, and the counts
+                exposed += 4 * ep.time("all_to_all", ab * n * k * h, shard.ep)
+                exposed += 2 * ep.time("all_to_all", 8 * e, shard.ep)
+        else:
+            act = mlp_activations(spec, layer, n, shard, ab)
+            compute += passes * (2 * n * 2 * h * f / t) / rates.matmul
+            exposed += tp_comm(n, (2 * n * h * f / t) / rates.matmul)
+        compute += (5 + (2 if recompute else 0)) * act / rates.memory
+        ops = OPS["attn" if half == "attn" else "moe" if layer in spec.moe_layers else "mlp"]
+        compute += ops * (4 if recompute else 3) / 3 * rates.op
+    if last:
+        compute += 3 * (2 * n * spec.padded_vocab(t) * h / t) / rates.matmul
+        compute += 5 * head_activations(spec, n, shard, ab) / rates.memory + OPS["head"] * rates.op
+        if t > 1:
+            exposed += tp.time("all_reduce", ab * n * h, t) + 2 * tp.time("all_gather", 8 * n, t)
+    if first and t > 1:
+        exposed += tp.time("reduce_scatter" if sp else "all_reduce", ab * n * h, t)
+    return compute, exposed
+
+
+@lru_cache(maxsize=4096)
+def _stage_times(
+    spec: ModelSpec,
+    num_stages: int,
+    shard: Shard,
+    n: int,
+    seq_len: int,
+    ab: int,
+    recompute: bool,
+    rates: _Rates,
+) -> tuple[tuple[float, float], ...]:
+    """:func:`_stage_time` of every global stage (cached across layouts that share them)."""
+    stages = _stage_split(spec, num_stages, shard.tp)
+    last = len(stages) - 1
+    return tuple(
+        _stage_time(spec, stages[s], shard, n, seq_len, ab, recompute, s == 0, s == last, rates)
+        for s in range(len(stages))
+    )
+
+
+def predict_time(
+    spec: ModelSpec,
+    layout: Layout,
+    seq_len: int,
+    precision: str,
+    device: DeviceSpec,
+    devices_per_node: int,
+    memory: list[dict[str, float]],
+) -> dict[str, float]:
+    """Seconds of one optimizer step, split into compute, exposed communication and bubble."""
+    pb, _, ab = PRECISIONS[precision]
+    t, p, m, v = layout.tp, layout.pp, layout.num_microbatches, layout.virtual
+    n = layout.micro_batch_size * seq_len
+    slow = device.slowdown(layout.world_size)
+    # Mesh spans: tp innermost, then dp (ep inside it), then pp.
+    dp_link = _link(device, t * layout.dp, devices_per_node)
+    ep_link = _link(device, t * layout.ep, devices_per_node)
+    pp_link = _link(device, t * layout.dp * p, devices_per_node)
+    rates = _Rates(
+        device.matmul_flops / slow,
+        device.peak_flops * device.attention_efficiency / slow,
+        device.memory_bandwidth * device.memory_efficiency / slow,
+        device.op_overhead * slow,
+        _link(device, t, devices_per_node),
+        ep_link,
+    )
+    recompute = layout.recompute == "full"
+    shard = shard_of(layout)
+    table = _stage_times(spec, p * v, shard, n, seq_len, ab, recompute, rates)
+    rank_compute, rank_exposed = [], []
+    for mine in rank_stages(layout):
+        times = [table[s] for s in mine]
+        rank_compute.append(sum(c for c, _ in times))
+        rank_exposed.append(sum(x for _, x in times))
+    busy = m * max(rank_compute)
+    bubble = (p - 1) / (v * m) * busy if p > 1 else 0.0
+    exposed = m * max(rank_exposed)
+    if p > 1:  # activations forward and gradients back, per micro-batch and stage, on the critical path
+        act_bytes = ab * n * spec.n_embd / (t if shard.sequence_parallel else 1)
+        exposed += 2 * (v * m + p - 1) * pp_link.time("p2p", act_bytes, 2)
+    # Data-parallel gradients (hidden behind the last micro-batch's backward but for the last bucket)
+    # and the optimizer step, on the busiest rank.
+    dp_exposed = optimizer = 0.0
+    edp = layout.dp // layout.ep
+    for r, mem in enumerate(memory):
+        dense = (mem["elements"] - mem["expert_elements"]) * pb
+        expert = mem["expert_elements"] * pb
+        if layout.distributed_optimizer and layout.dp > 1:
+            comm = dp_link.time("reduce_scatter", dense, layout.dp) + ep_link.time(
+                "reduce_scatter", expert, edp
+            )
+            gather = dp_link.time("all_gather", dense, layout.dp) + ep_link.time("all_gather", expert, edp)
+            stepped = (dense / layout.dp + expert / edp) / pb
+        else:
+            comm = dp_link.time("all_reduce", dense, layout.dp) + ep_link.time("all_reduce", expert, edp)
+            gather, stepped = 0.0, mem["elements"]
+        if layout.dp > 1:
+            window = rank_compute[r] * 2 / (4.0 if recompute else 3.0)
+            last_bucket = comm * min(1.0, BUCKET_BYTES / (dense + expert))
+            dp_exposed = max(dp_exposed, max(last_bucket, comm - window) + gather)
+        optimizer = max(optimizer, ADAMW_BYTES_PER_ELEMENT * stepped / rates.memory)
+    comm_exposed = exposed + dp_exposed
+    return {
+        "step_s": busy + optimizer + bubble + comm_exposed,
+        "compute_s": busy + optimizer,
+        "optimizer_s": optimizer,
+        "comm_exposed_s": comm_exposed,
+        "dp_comm_exposed_s": dp_exposed,
+        "bubble_s": bubble,
+        "per_microbatch_s": max(rank_compute),
+    }

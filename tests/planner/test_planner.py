@@ -1,0 +1,258 @@
+"""The planner without training: its counts agree with the code's, the command's outputs, bad input, and
+the calibration and timing benchmark in smoke mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_par.models import GPT
+from lightning_par.models.gpt_network import GPTConfig, GPTNetwork
+
+import lightning_par
+from lightning_par.cli import main
+from lightning_par.pipeline.split import plan_stages, split_layers
+from lightning_par.planner import Layout, ModelSpec, NoLayoutFits, choose_layout, plan_layouts, predict_time
+from lightning_par.planner.cost import _bisect_split, predict_memory, stage_split
+from lightning_par.planner.devices import get_device
+
+ROOT = Path(__file__).resolve().parents[2]
+DENSE = dict(vocab_size=4096, n_layer=8, n_head=8, n_embd=256, block_size=128)
+MOE = dict(DENSE, num_experts=4, moe_top_k=2, moe_layer_freq=2)
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+def test_counts_agree_with_the_model(cfg):
+    spec = ModelSpec.from_any(cfg)
+    assert spec.flops_per_token(128) == GPT(**cfg).flops_per_token(128)
+    with torch.device("meta"):
+        net = GPTNetwork(GPTConfig(**cfg), GPTConfig(**cfg).padded_vocab_size(1))
+    unique = {id(p): p.numel() for p in net.parameters()}
+    assert spec.num_parameters() == sum(unique.values())
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        Layout(1, 2, 1),
+        Layout(2, 2, 1),
+        Layout(1, 4, 1),
+        Layout(1, 2, 1, schedule="interleaved_1f1b", virtual=2),
+    ],
+    ids=["pp2", "tp2 pp2", "pp4", "pp2 v2"],
+)
+def test_stage_split_matches_plan_stages(layout):
+    """The planner's stages hold the halves ``plan_stages`` gives the meta network."""
+    spec = ModelSpec.from_any(DENSE)
+    cfg = GPTConfig(**DENSE)
+    with torch.device("meta"):
+        net = GPTNetwork(cfg, cfg.padded_vocab_size(layout.tp))
+    ours = stage_split(spec, layout)
+    virtual = layout.virtual if layout.virtual > 1 else None
+    for rank in range(layout.pp):
+        plan = plan_stages(net, layout.schedule, layout.pp, rank, virtual)
+        for s in plan.stages:
+            halves = {}
+            for layer, half in ours[s]:
+                halves.setdefault(layer, []).append(half)
+            assert list(halves) == plan.layers[s]
+            cut = {i: tuple(h) for i, h in halves.items() if len(h) == 1}
+            assert cut == plan.parts.get(s, {})
+
+
+def test_bubble_and_microbatches_move_the_prediction_the_right_way():
+    spec, dev = ModelSpec.from_any(DENSE), get_device("a100-80gb")
+
+    def step(**kw):
+        lay = Layout(1, 4, 1, **kw)
+        mem = predict_memory(spec, lay, 128, "bf16-mixed")
+        return predict_time(spec, lay, 128, "bf16-mixed", dev, 8, mem), mem
+
+    t4, m4 = step(num_microbatches=4)
+    t16, m16 = step(num_microbatches=16)
+    g16, mg16 = step(num_microbatches=16, schedule="gpipe")
+    assert t4["bubble_s"] / t4["compute_s"] > t16["bubble_s"] / t16["compute_s"]  # (p - 1) / (v m)
+    assert mg16[0]["activations_peak"] == pytest.approx(
+        4 * m16[0]["activations_peak"]
+    )  # 16 against 4 in flight
+    assert m16[3]["activations_peak"] < m16[0]["activations_peak"]  # the last rank keeps one micro-batch
+
+
+def test_bisection_split_finds_the_same_bottleneck():
+    """Past a few hundred stages the planner bisects instead of ``split_layers``' quadratic search."""
+    costs = [float(c) for c in ([3, 5] * 20)]
+
+    def worst(split: list[list[int]]) -> float:
+        last = len(split) - 1
+        return max(sum(costs[j] for j in idx) + (6.0 if i == last else 0.0) for i, idx in enumerate(split))
+
+    for stages in (2, 3, 7, 16, 40):
+        exact = split_layers(costs, stages, 0.0, 6.0)
+        fast = _bisect_split(costs, stages, 6.0)
+        assert [j for idx in fast for j in idx] == list(range(len(costs))) and all(fast)
+        assert worst(fast) == pytest.approx(worst(exact)), stages
+
+
+def test_time_components_follow_the_layout():
+    """Recomputation adds a forward, the distributed optimizer an all-gather, a tp group across nodes pays
+    the network instead of NVLink."""
+    spec, dev = (
+        ModelSpec(n_layer=8, n_embd=4096, n_head=32, vocab_size=51200, block_size=2048),
+        get_device("h100-80gb"),
+    )
+
+    def predict(layout, per_node=8):
+        mem = predict_memory(spec, layout, 2048, "bf16-mixed")
+        return predict_time(spec, layout, 2048, "bf16-mixed", dev, per_node, mem)
+
+    base = predict(Layout(8, 1, 2, micro_batch_size=2))
+    full = predict(Layout(8, 1, 2, micro_batch_size=2, recompute="full"))
+    assert full["compute_s"] > base["compute_s"] * 1.2 and full["comm_exposed_s"] > base["comm_exposed_s"]
+    distopt = predict(Layout(8, 1, 2, micro_batch_size=2, distributed_optimizer=True))
+    assert (
+        distopt["dp_comm_exposed_s"] > base["dp_comm_exposed_s"]
+        and distopt["optimizer_s"] < base["optimizer_s"]
+    )
+    assert (
+        predict(Layout(8, 1, 2, micro_batch_size=2), per_node=4)["comm_exposed_s"]
+        > 2 * base["comm_exposed_s"]  # (NDR is 9x slower than NVLink 4; part hides behind matmuls)
+    )
+
+
+def test_choose_layout_gives_strategy_arguments():
+    plan = choose_layout(ModelSpec.from_any(DENSE), 16, 8, "h100-80gb", global_batch_size=64, seq_len=128)
+    kwargs = plan.strategy_kwargs()
+    assert plan.tensor_parallel_size * plan.pipeline_parallel_size * plan.data_parallel_size == 16
+    assert set(kwargs) == {
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "expert_parallel_size",
+        "sequence_parallel",
+        "pipeline_schedule",
+        "virtual_pipeline_size",
+        "num_microbatches",
+        "distributed_optimizer",
+        "activation_checkpointing",
+    }
+    lightning_par.HybridParallelStrategy(**kwargs)  # the strategy accepts them
+    p = plan.prediction
+    assert p["fits"] and p["step_s"] == pytest.approx(p["compute_s"] + p["comm_exposed_s"] + p["bubble_s"])
+    assert 0 < p["mfu"] < 1 and p["tokens_per_s"] == pytest.approx(64 * 128 / p["step_s"])
+
+
+def test_plan_command_table_json_and_explain(capsys, tmp_path):
+    base = [
+        "plan",
+        "--gpus",
+        "64",
+        "--gpus-per-node",
+        "8",
+        "--gpu",
+        "h100-80gb",
+        "--global-batch-size",
+        "512",
+    ]
+    main([*base, "--config", str(ROOT / "configs/gpt_tp_pp.yaml"), "--seq-len", "2048", "--explain"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "step ms" in lines[0] and "MFU %" in lines[0] and len([r for r in lines[2:12] if r.strip()]) == 10
+    assert "is predicted" in out and "per step" in out
+    hf = tmp_path / "config.json"
+    hf.write_text(
+        json.dumps({"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024})
+    )
+    main([*base, "--hf-config", str(hf), "--json", "--top", "3"])
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["plans"]) == 3
+    first = data["plans"][0]
+    assert set(first["prediction"]["memory"]) >= {"params", "grads", "optimizer", "activations_peak"}
+    assert first["strategy_kwargs"]["tensor_parallel_size"] == first["tensor_parallel_size"]
+    steps = [p["prediction"]["step_s"] for p in data["plans"]]
+    assert steps == sorted(steps)
+    main([*base, "--n-layer", "4", "--n-embd", "256", "--n-head", "4", "--vocab-size", "4096", "--top", "1"])
+    assert "tp" in capsys.readouterr().out
+
+
+def test_bad_input_is_named(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "plan",
+                "--gpus",
+                "12",
+                "--gpus-per-node",
+                "8",
+                "--n-layer",
+                "4",
+                "--n-embd",
+                "256",
+                "--n-head",
+                "4",
+                "--vocab-size",
+                "100",
+            ]
+        )
+    assert "gpus=12 cannot form a mesh of nodes of gpus_per_node=8" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"device='tpu' is not known; valid presets: \['a100-40gb'"):
+        plan_layouts(DENSE, 8, 8, "tpu")
+    huge = ModelSpec(n_layer=96, n_embd=16384, n_head=128, vocab_size=51200, block_size=2048)
+    with pytest.raises(
+        NoLayoutFits, match=r"no layout fits: the smallest needs [\d.]+ GiB per GPU .* Use more GPUs"
+    ):
+        plan_layouts(huge, 8, 8, "a100-40gb", global_batch_size=8)
+    with pytest.raises(ValueError, match=r"seq_len=0 is not valid: it must be an integer >= 1"):
+        plan_layouts(DENSE, 8, 8, seq_len=0)
+    with pytest.raises(ValueError, match=r"global_batch_size=0 is not valid: it must be an integer >= 1"):
+        plan_layouts(DENSE, 8, 8, global_batch_size=0)
+
+
+def test_calibrate_and_the_timing_benchmark_smoke(tmp_path, capsys):
+    profile = tmp_path / "cpu.json"
+    main(
+        [
+            "plan",
+            "--calibrate",
+            str(profile),
+            "--calibrate-repeat",
+            "2",
+            "--gpus",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--n-layer",
+            "2",
+            "--n-embd",
+            "32",
+            "--n-head",
+            "2",
+            "--vocab-size",
+            "256",
+            "--block-size",
+            "16",
+            "--top",
+            "3",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert f"wrote {profile}" in out and "step ms" in out
+    dev = get_device(str(profile))
+    assert dev.compute_slots and dev.peak_flops > 0 and set(dev.intra_node.per_op) >= {"all_reduce", "p2p"}
+    bw, latency = dev.intra_node.per_op["all_reduce"]
+    assert bw > 0 and 0 < latency < 1
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "planner_time.py"), "--smoke", "--profile", str(profile)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "spearman (2 processes, 2 layouts)" in proc.stdout and "planner's pick for 2 processes" in proc.stdout
+    )
