@@ -27,7 +27,9 @@ SMOKE = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.0, learnin
 KINDS = {"none": None, "bf16": "bf16", "fp16": "fp16", "powersgd": "powersgd"}
 
 
-def _train(rank: int, world: int, kind: str | None, model_kw: dict, steps: int, cache: str) -> dict:
+def _train(
+    rank: int, world: int, kind: str | None, model_kw: dict, steps: int, cache: str, start: int = 10
+) -> dict:
     import lightning as L
     import torch
     from lightning_par.models import GPT
@@ -50,7 +52,11 @@ def _train(rank: int, world: int, kind: str | None, model_kw: dict, steps: int, 
 
     L.seed_everything(1234, verbose=False)
     strategy = lightning_par.HybridParallelStrategy(
-        tensor_parallel_size=1, data_parallel_size=world, gradient_compression=kind, powersgd_rank=4
+        tensor_parallel_size=1,
+        data_parallel_size=world,
+        gradient_compression=kind,
+        powersgd_rank=4,
+        powersgd_start_step=start,
     )
     counted = Bytes()
     trainer = quiet_trainer(
@@ -75,6 +81,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(KINDS))
+    parser.add_argument(
+        "--powersgd-start", type=int, default=10, help="powersgd_start_step (plain steps first)"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -85,7 +94,15 @@ def main() -> None:
     res = {}
     for name in args.variants.split(","):
         res[name] = run_distributed(
-            _train, 2, KINDS[name], model_kw, steps, cache, init_process_group=False, timeout=3000
+            _train,
+            2,
+            KINDS[name],
+            model_kw,
+            steps,
+            cache,
+            args.powersgd_start,
+            init_process_group=False,
+            timeout=3000,
         )[0]
         print(
             f"{name:9s} val/loss {res[name]['val_loss']:.4f}  bytes/step {res[name]['bytes'][0]:,.0f}",

@@ -37,6 +37,11 @@ _STRATEGIES = {
         "Tensor x pipeline parallel: tp fills a node (up to 8, at most half the devices), pp takes the rest.",
         {"tensor_parallel_size": None, "pipeline_parallel_size": None},
     ),
+    "auto_parallel": (
+        HybridParallelStrategy,
+        "The layout the planner predicts fastest for the model, the world and the device (layout='auto').",
+        {"layout": "auto"},
+    ),
     "ep": (
         ExpertParallelStrategy,
         "Expert parallel over all devices (ep = dp = devices): experts split, dense weights data-parallel.",

@@ -36,7 +36,9 @@ from lightning_par.parallelize import Parallelized, parallelize
 from lightning_par.pipeline.runner import PipelineRunner
 from lightning_par.pipeline.schedules import PipelineConfig, check_schedule, stages_per_rank
 from lightning_par.pipeline.step import GradientStash, check_no_accumulation
+from lightning_par.planner.search import Plan
 from lightning_par.protocols import check_protocol
+from lightning_par.strategies.auto import apply_plan, make_plan, report_plan
 from lightning_par.strategies.checkpointing import ShardedCheckpointIO
 from lightning_par.strategies.gradients import GradientHandling, check_gradient_options
 from lightning_par.strategies.guards import GuardedRun, RunGuards
@@ -84,6 +86,11 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
             backward), ``"selective"`` (keeps matmul, attention and communication outputs, recomputes the
             rest) or ``None`` (see :mod:`lightning_par.memory.recompute`).
         recompute_num_layers: recompute only the first this many layers of each pipeline stage (``None``: all).
+        layout: ``"auto"``: the planner (:mod:`lightning_par.planner`) chooses every setting above for the
+            real world, model and device when fit starts (``Trainer(strategy="auto_parallel")``); see
+            :mod:`lightning_par.strategies.auto`. ``planner_device``: a preset name or a
+            ``lightning-par plan --calibrate`` profile (default: the GPU's preset; required on CPU);
+            ``planner_global_batch_size``: sequences per step it plans for (default: the world size).
         hang_timeout: seconds without progress (a step neither started nor finished) after which the run
             ends with the stuck rank's step and Python stack (``None``: no hang detection).
         nonfinite: a NaN/Inf loss or gradient on any rank: ``"stop"`` (raise on every rank, naming them),
@@ -112,6 +119,9 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
         powersgd_start_step: int = 10,
         activation_checkpointing: str | None = None,
         recompute_num_layers: int | None = None,
+        layout: str | None = None,
+        planner_device: str | None = None,
+        planner_global_batch_size: int | None = None,
         hang_timeout: float | None = 300.0,
         nonfinite: str = "stop",
         process_group_backend: str | None = None,
@@ -132,6 +142,13 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
             tp_comm_chunks=tp_comm_chunks,
         )
         check_recompute(activation_checkpointing, recompute_num_layers, tp_comm_chunks)
+        if layout not in (None, "auto"):
+            raise ValueError(
+                f"layout={layout!r} is not valid: None (the sizes given) or 'auto' (the planner)."
+            )
+        self._auto = (planner_global_batch_size, planner_device) if layout == "auto" else None
+        self.plan: Plan | None = None
+        """The planner's choice under ``layout="auto"`` (with its prediction)."""
         check_gradient_options(
             gradient_compression,
             distributed_optimizer,
@@ -224,10 +241,14 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
     def _configure_launcher(self) -> None:
         # Runs inside Trainer(...): check the launch and the layout before any process is started.
         check_external_launch(self.cluster_environment, self.num_processes, self.num_nodes)
-        self.layout = self._resolve_layout()
+        if self._auto is None:  # (under layout="auto" the layout waits for the model)
+            self.layout = self._resolve_layout()
         super()._configure_launcher()
 
     def setup_environment(self) -> None:
+        if self._auto is not None and self.plan is None:
+            self.plan = make_plan(self, *self._auto)
+            apply_plan(self, self.plan)
         self.layout = self._resolve_layout()
         check_protocol(self.lightning_module, self.layout)  # before any process group work
         self._setup_distributed()
@@ -312,6 +333,8 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        if self.plan is not None:
+            report_plan(trainer, self.plan)
         if isinstance(self.precision_plugin, ExactClipping):
             self.precision_plugin.grad_norm = self.global_grad_norm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -235,3 +236,60 @@ def test_strategy_names_are_registered():
     trainer = L.Trainer(accelerator="cpu", devices=4, strategy="tp", logger=False)
     assert isinstance(trainer.strategy, lightning_par.TensorParallelStrategy)
     assert (trainer.strategy.layout.tp, trainer.strategy.layout.dp) == (4, 1)
+
+
+def _auto(rank: int, world: int, tmp: str) -> dict:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_par.planner import choose_layout
+
+    L.seed_everything(5, verbose=False)
+    model = GPT(**TINY)
+    logger = CSVLogger(tmp, name="auto")
+    strategy = lightning_par.HybridParallelStrategy(layout="auto", planner_device="a100-80gb")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=2,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(FixedBatches(**VAL_DATA), batch_size=4))
+    layout = trainer.strategy.layout
+    direct = choose_layout(GPT(**TINY), world, world, "a100-80gb", precision="32-true")
+    return {
+        "plan": trainer.strategy.plan.strategy_kwargs(),
+        "direct": direct.strategy_kwargs(),
+        "layout": (layout.tp, layout.pp, layout.dp, layout.ep, layout.sequence_parallel),
+        "steps": trainer.global_step,
+        "hparams": Path(logger.log_dir, "hparams.yaml").read_text() if rank == 0 else None,
+    }
+
+
+def test_auto_parallel_runs_the_planners_layout_and_logs_it(tmp_path):
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["auto_parallel"]["init_params"] == {"layout": "auto"}
+    results = run_distributed(_auto, 2, str(tmp_path), init_process_group=False)
+    for r in results:
+        plan = r["plan"]
+        assert plan == r["direct"] == results[0]["plan"]  # the planner's pick, the same on every rank
+        expected = (
+            plan["tensor_parallel_size"],
+            plan["pipeline_parallel_size"],
+            plan["data_parallel_size"],
+            plan["expert_parallel_size"],
+            plan["sequence_parallel"],
+        )
+        assert r["layout"] == expected and r["steps"] == 2
+    logged = results[0]["hparams"]  # (what the loggers got: the choice and its prediction)
+    assert "auto_parallel/tensor_parallel_size:" in logged and "auto_parallel/step_s:" in logged, logged
+    with pytest.raises(ValueError, match=r"layout='bogus' is not valid"):
+        lightning_par.HybridParallelStrategy(layout="bogus")
+    from lightning_par.strategies.auto import planner_device
+
+    with pytest.raises(ValueError, match=r"layout='auto' on cpu needs planner_device="):
+        planner_device("cpu", None)
