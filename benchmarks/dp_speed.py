@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,32 +38,10 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
     from torch.utils.data import DataLoader
 
     import lightning_par
+    from benchmarks.common import RandomTokens, StepTimer
     from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
-
-    class RandomTokens(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return batch * (warmup + steps + 2) * world
-
-        def __getitem__(self, i: int) -> dict:
-            g = torch.Generator().manual_seed(i)
-            ids = torch.randint(0, shape["vocab_size"], (shape["block_size"],), generator=g)
-            return {"input_ids": ids, "labels": ids}
-
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.exposed: list[float] = []
-            self._t0 = 0.0
-
-        def on_train_batch_start(self, *args) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, *args) -> None:
-            self.times.append(time.perf_counter() - self._t0)
-            comm = getattr(trainer.strategy, "last_communication", None) or {}
-            self.exposed.append(comm.get("comm/grad_exposed_s", 0.0))
 
     if name == "dp1":
         strategy = "auto"
@@ -77,7 +54,13 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
     L.seed_everything(0, verbose=False)
     timer = StepTimer()
     trainer = quiet_trainer(strategy, world, max_steps=warmup + steps, callbacks=[timer])
-    trainer.fit(GPT(**shape, warmup_steps=2), DataLoader(RandomTokens(), batch_size=batch))
+    trainer.fit(
+        GPT(**shape, warmup_steps=2),
+        DataLoader(
+            RandomTokens(shape["vocab_size"], shape["block_size"], batch * (warmup + steps + 2) * world),
+            batch_size=batch,
+        ),
+    )
     return {
         "step_s": statistics.median(timer.times[warmup:]),
         "exposed_s": statistics.median(timer.exposed[warmup:]),

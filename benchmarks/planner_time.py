@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,29 +65,11 @@ def _run(rank: int, world: int, fields: dict, shape: dict, batch: int, warmup: i
     from torch.utils.data import DataLoader
 
     import lightning_par
+    from benchmarks.common import RandomTokens, StepTimer
     from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
     layout = _layout(fields, batch)
-
-    class RandomTokens(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return batch * (warmup + steps)
-
-        def __getitem__(self, i: int) -> dict:
-            g = torch.Generator().manual_seed(i)
-            ids = torch.randint(0, shape["vocab_size"], (shape["block_size"],), generator=g)
-            return {"input_ids": ids, "labels": ids}
-
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args) -> None:
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, *args) -> None:
-            self.times.append(time.perf_counter() - self.t0)
 
     strategy = lightning_par.HybridParallelStrategy(
         tensor_parallel_size=layout.tp,
@@ -104,7 +85,13 @@ def _run(rank: int, world: int, fields: dict, shape: dict, batch: int, warmup: i
     timer = StepTimer()
     L.seed_everything(0, verbose=False)
     trainer = quiet_trainer(strategy, world, max_steps=warmup + steps, callbacks=[timer])
-    trainer.fit(GPT(**shape, warmup_steps=1), DataLoader(RandomTokens(), batch_size=batch // layout.dp))
+    trainer.fit(
+        GPT(**shape, warmup_steps=1),
+        DataLoader(
+            RandomTokens(shape["vocab_size"], shape["block_size"], batch * (warmup + steps)),
+            batch_size=batch // layout.dp,
+        ),
+    )
     return statistics.median(timer.times[warmup:])
 
 
