@@ -277,7 +277,7 @@ class DistributedOptimizer:
 
         Transient: while a checkpoint is written each replica holds the whole (tp-local) state once.
         """
-        view = self._empty_view()
+        view = self.empty_view()
         for bucket in self.buckets:
             # Per-parameter scalars (step counts) by object; which parameters have state at all.
             scalars = {
@@ -317,7 +317,11 @@ class DistributedOptimizer:
 
     def empty_view(self) -> PerParameterState:
         """An unsharded-looking optimizer for :func:`load_sharded` to fill; then :meth:`load_view`."""
-        return self._empty_view()
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": params}
+            for g, params in zip(self.optimizer.param_groups, self.groups, strict=True)
+        ]
+        return PerParameterState(groups)
 
     @torch.no_grad()
     def load_view(self, view: PerParameterState) -> None:
@@ -341,13 +345,6 @@ class DistributedOptimizer:
                     state[key] = local(value).clone() if isinstance(value, Tensor) else value
             if state:
                 self.optimizer.state[piece.shard] = state
-
-    def _empty_view(self) -> PerParameterState:
-        groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": params}
-            for g, params in zip(self.optimizer.param_groups, self.groups, strict=True)
-        ]
-        return PerParameterState(groups)
 
     def _state(self, piece: Piece) -> dict[str, Any]:
         return self.optimizer.state.get(piece.shard, {})
