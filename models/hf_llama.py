@@ -18,7 +18,9 @@ Layout differences handled here (saving: :mod:`lightning_par.models.hf_llama_exp
   published checkpoints) or fused (``mlp.experts.gate_up_proj`` ``[E, 2I, C]`` and ``down_proj``
   ``[E, C, I]``, transformers 5's in-memory layout); ``w1`` is our expert's ``gate``, ``w3`` its ``up``,
   ``w2`` its ``proj``;
-* our vocabulary is padded with zero rows to ``cfg.padded_vocab_size(tp)``.
+* our vocabulary is padded with zero rows to ``cfg.padded_vocab_size(tp)``, and our MLP width (gate
+  and up rows, ``proj`` columns, dense and per expert) with zeros to ``cfg.padded_intermediate_size``: a
+  rank whose slice reaches into the padding reads only the real part and gets zeros for the rest.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_par.models.hf import CheckpointKeyError, _read_config, _safetensors_dtype, _safetensors_key_map
+from lightning_par.models.llama_network import mlp_width_dim
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -154,6 +157,25 @@ def _window(sliced: Any, lead: tuple[int, ...], row0: int, shape: torch.Size, sh
     return part.reshape(part.shape[len(lead) :]).contiguous()
 
 
+def _padded_window(
+    sliced: Any, lead: tuple[int, ...], row0: int, shape: torch.Size, shard: Any, dim: int, real: int
+) -> Tensor:
+    """Like :func:`_window` for a tensor whose ``dim`` is zero-padded from ``real`` to ``shape[dim]``:
+    only the real part of the requested slice is read, the padded part is zeros."""
+    start, stop = (shard[1], shard[2]) if shard is not None and shard[0] == dim else (0, shape[dim])
+    out_shape = list(shape)
+    if shard is not None:
+        out_shape[shard[0]] = shard[2] - shard[1]
+    out = torch.zeros(out_shape, dtype=_safetensors_dtype(sliced))
+    count = min(stop, real) - start
+    if count > 0:
+        unpadded = list(shape)
+        unpadded[dim] = real
+        inner = (dim, start, start + count) if shard is None or shard[0] == dim else shard
+        out.narrow(dim, 0, count).copy_(_window(sliced, lead, row0, torch.Size(unpadded), inner))
+    return out
+
+
 def llama_weight_source(path: str | os.PathLike, network: LlamaNetwork) -> Callable[..., Tensor]:
     """``source(our_name, global_shape, shard=None)``: one of our parameters from a HF directory.
 
@@ -240,7 +262,11 @@ def llama_weight_source(path: str | os.PathLike, network: LlamaNetwork) -> Calla
         layer, inner = f"{prefix}layers.{parts[1]}.", parts[2]
         if inner == "attn.kv.weight":
             return kv(layer, name, shape, shard)
-        lead, row0, expected = (), 0, list(shape)
+        width_dim = mlp_width_dim(name)
+        real = list(shape)
+        if width_dim is not None:
+            real[width_dim] = I
+        lead, row0, expected = (), 0, real
         if inner in LAYER_KEYS:
             key = layer + LAYER_KEYS[inner]
             if fused and inner == "mlp.router.gate.weight":
@@ -250,13 +276,17 @@ def llama_weight_source(path: str | os.PathLike, network: LlamaNetwork) -> Calla
             if not fused:
                 key = f"{layer}block_sparse_moe.experts.{e}.{EXPERT_KEYS[linear]}.weight"
             elif linear == "proj":
-                key, lead, expected = f"{layer}mlp.experts.down_proj", (int(e),), [cfg.num_experts, *shape]
+                key, lead, expected = f"{layer}mlp.experts.down_proj", (int(e),), [cfg.num_experts, *real]
             else:
                 key, lead, row0 = f"{layer}mlp.experts.gate_up_proj", (int(e),), I if linear == "up" else 0
                 expected = [cfg.num_experts, 2 * I, cfg.n_embd]
         else:
             raise CheckpointKeyError(f"parameter {name!r} has no counterpart in a Llama checkpoint.")
         handle, sliced = open_slice(key, name, expected)  # (the handle keeps the file mapped)
+        if width_dim is not None:
+            if shape[width_dim] < I:
+                raise CheckpointKeyError(f"{name!r} has an MLP width of {shape[width_dim]}, less than {I}.")
+            return _padded_window(sliced, lead, row0, shape, shard, width_dim, I)
         return _window(sliced, lead, row0, shape, shard)
 
     return source

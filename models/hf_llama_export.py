@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_par.models.hf import CheckpointKeyError
 from lightning_par.models.hf_export import model_for_export, save_hf_directory
 from lightning_par.models.hf_llama import EXPERT_KEYS, LAYER_KEYS, hf_key
+from lightning_par.models.llama_network import mlp_width_dim
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -46,8 +47,10 @@ def llama_state_dict_to_hf(our_state: dict[str, Tensor], cfg: LlamaConfig) -> di
     """Our full (unsharded) state dict -> ``LlamaForCausalLM`` / ``MixtralForCausalLM`` tensors.
 
     Accepts the network's keys or the LightningModule's (``model.``-prefixed). Padded vocabulary rows are
-    dropped, ``kv`` is split back into ``k_proj`` and ``v_proj``; ``lm_head.weight`` is written only for
-    untied models. Returns contiguous CPU tensors that share no storage.
+    dropped, and so is the MLP's padding (gate / up rows, ``proj`` columns past ``intermediate_size``),
+    which must be zero (else the model is not the one Hugging Face would compute: ``ValueError``); ``kv``
+    is split back into ``k_proj`` and ``v_proj``; ``lm_head.weight`` is written only for untied models.
+    Returns contiguous CPU tensors that share no storage.
     """
     from torch.distributed.tensor import DTensor
 
@@ -73,6 +76,8 @@ def llama_state_dict_to_hf(our_state: dict[str, Tensor], cfg: LlamaConfig) -> di
             if tensor.shape[0] < cfg.vocab_size:
                 raise CheckpointKeyError(f"{name!r} has {tensor.shape[0]} rows, fewer than vocab_size.")
             out[key] = tensor[: cfg.vocab_size].contiguous().clone()
+        elif (dim := mlp_width_dim(name)) is not None:
+            out[key] = _cut_mlp_padding(name, tensor, dim, cfg.intermediate_size).contiguous().clone()
         elif isinstance(key, tuple):  # [kv head, (k|v), head_dim] rows -> k_proj, v_proj
             kv = tensor.view(cfg.n_kv_head, 2, D, -1)
             for j, k in enumerate(key):
@@ -80,6 +85,22 @@ def llama_state_dict_to_hf(our_state: dict[str, Tensor], cfg: LlamaConfig) -> di
         else:
             out[key] = tensor.contiguous().clone()
     return out
+
+
+def _cut_mlp_padding(name: str, tensor: Tensor, dim: int, width: int) -> Tensor:
+    """``tensor`` cut to the real MLP ``width`` along ``dim``, after checking that what is cut is zero."""
+    size = tensor.shape[dim]
+    if size < width:
+        raise CheckpointKeyError(f"{name!r} has an MLP width of {size}, less than intermediate_size={width}.")
+    pad = tensor.narrow(dim, width, size - width)
+    if pad.any():
+        what = "rows" if dim == 0 else "columns"
+        raise ValueError(
+            f"{name!r} has nonzero values in its padded {what} {width}:{size} (the MLP is zero-padded past "
+            f"intermediate_size={width}, and those zeros must stay zero); a Hugging Face model of width "
+            f"{width} cannot compute this model, so it is not exported."
+        )
+    return tensor.narrow(dim, 0, width)
 
 
 def save_llama_hf(
@@ -135,6 +156,7 @@ def export_llama_checkpoint(
     """``lightning-par export-hf`` for a Llama / Mixtral checkpoint of any layout (one process)."""
     from lightning_par.models.llama import Llama
 
-    model = model_for_export(Llama, hparams, saved)
+    # (checkpoints from before the MLP padding have no such hyper-parameter, and an unpadded MLP)
+    model = model_for_export(Llama, {"pad_intermediate_size_multiple": 1, **hparams}, saved)
     load(model.state_dict())
     return export_llama(model, out)

@@ -41,6 +41,7 @@ class Llama(CausalLM):
         max_position_embeddings: int = 256,
         tie_word_embeddings: bool = False,
         pad_vocab_size_multiple: int = 64,
+        pad_intermediate_size_multiple: int = 16,
         num_experts: int | None = None,
         moe_top_k: int = 2,
         moe_aux_loss_coef: float = 0.001,
@@ -59,6 +60,12 @@ class Llama(CausalLM):
                 ``n_head``; equal to it: multi-head attention). Under tp they are split when tp divides
                 them, each replicated on ``tp / n_kv_head`` ranks when they divide tp.
             intermediate_size: width of the SwiGLU MLP (of each expert under Mixtral).
+            pad_intermediate_size_multiple: the network's MLP width is ``intermediate_size`` zero-padded to
+                a multiple of this, so that tensor parallel can split an odd width. Zero gate / up rows and
+                down columns add exactly nothing, and their gradients are exactly zero, so they stay zero
+                under AdamW (decay of zero is zero) and the model computes the unpadded one. The padding
+                does not depend on the layout, so checkpoints reshard freely between layouts; Hugging Face
+                loading pads and export cuts it off. 16 keeps common widths (688, 11008, 14336) unchanged.
             max_position_embeddings: the longest sequence (``block_size`` of the shared machinery).
             num_experts: experts in every layer's MLP (Mixtral: softmax router, top-``moe_top_k``
                 renormalised, dropless); ``None``: dense Llama.
@@ -84,6 +91,7 @@ class Llama(CausalLM):
             max_position_embeddings=max_position_embeddings,
             tie_word_embeddings=tie_word_embeddings,
             pad_vocab_size_multiple=pad_vocab_size_multiple,
+            pad_intermediate_size_multiple=pad_intermediate_size_multiple,
             num_experts=num_experts,
             moe_top_k=moe_top_k,
             moe_aux_loss_coef=moe_aux_loss_coef,
@@ -102,7 +110,7 @@ class Llama(CausalLM):
             for d in range(1, cfg.n_head + 1)
             if cfg.n_head % d == 0
             and (cfg.n_kv_head % d == 0 or d % cfg.n_kv_head == 0)
-            and cfg.intermediate_size % d == 0
+            and cfg.padded_intermediate_size % d == 0
         ]
         hint = f" Valid tensor_parallel_size for this model: {valid}."
         if cfg.n_head % tp:
@@ -114,10 +122,11 @@ class Llama(CausalLM):
             check_kv_heads(cfg.n_kv_head, tp)
         except ValueError as err:
             raise ValueError(f"{err}{hint}") from None
-        if cfg.intermediate_size % tp:
+        if cfg.padded_intermediate_size % tp:
             raise ValueError(
-                f"tensor_parallel_size={tp} does not divide intermediate_size={cfg.intermediate_size} (the "
-                f"MLP's gate and up rows are split over tp).{hint}"
+                f"tensor_parallel_size={tp} does not divide intermediate_size={cfg.intermediate_size} padded "
+                f"to {cfg.padded_intermediate_size} (a multiple of pad_intermediate_size_multiple="
+                f"{cfg.pad_intermediate_size_multiple}; the MLP's gate and up rows are split over tp).{hint}"
             )
 
     def block_plan(self, prefix: str, sequence_parallel: bool, moe: bool) -> dict[str, ParallelStyle]:
@@ -141,7 +150,9 @@ class Llama(CausalLM):
 
     def matmul_params_per_token(self) -> int:
         """q and output projections ``2 C^2``, keys and values ``2 C n_kv_head head_dim``, SwiGLU ``3 C I``
-        (per active expert, plus the router ``C E``), and the head."""
+        (per active expert, plus the router ``C E``), and the head.
+
+        ``I`` is the real ``intermediate_size``: the padded MLP units multiply zeros, no useful work."""
         c = self.config
         attention = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim
         mlp = 3 * c.n_embd * c.intermediate_size

@@ -10,15 +10,18 @@ Mixtral.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from lightning_par.models.blocks import ResidualBlock
 from lightning_par.models.llama_layers import GroupedQueryAttention, RMSNorm, SwiGLU
 from lightning_par.models.lm_network import CausalLMNetwork, padded_vocab
-from torch import Tensor, nn
+from torch import Size, Tensor, nn
 
 from lightning_par.experts.layer import MoE
 from lightning_par.experts.router import check_moe
+from lightning_par.initialization import Shard
 from lightning_par.tensor_parallel.layers import ParallelEmbedding, ParallelLinear
 
 
@@ -34,13 +37,17 @@ class LlamaConfig:
     """Key/value heads (grouped-query attention); it divides ``n_head``; ``n_head``: plain MHA."""
     n_embd: int = 256
     intermediate_size: int = 688
-    """Width of the SwiGLU MLP (of each expert under Mixtral)."""
+    """Width of the SwiGLU MLP (of each expert under Mixtral); the network's: ``padded_intermediate_size``."""
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 256
     """Longest sequence the model takes."""
     tie_word_embeddings: bool = False
     pad_vocab_size_multiple: int = 64
+    pad_intermediate_size_multiple: int = 16
+    """The MLP width is zero-padded to a multiple of this so that tensor parallel can split it (zero gate,
+    up and down weights compute and learn nothing: the model is the unpadded one). It does not depend on
+    the layout, so checkpoints reshard freely; 16 keeps common widths (688, 11008, 14336) as they are."""
     num_experts: int | None = None
     """Experts in every layer's MLP (Mixtral); ``None``: dense (Llama)."""
     moe_top_k: int = 2
@@ -48,7 +55,8 @@ class LlamaConfig:
     """Weight of Mixtral's load-balancing loss (Hugging Face's ``router_aux_loss_coef``)."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+        positive = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
+        for name in (*positive, "pad_intermediate_size_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not valid: it must be a positive integer.")
@@ -92,6 +100,35 @@ class LlamaConfig:
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         return padded_vocab(self.vocab_size, self.pad_vocab_size_multiple, tensor_parallel_size)
 
+    @property
+    def padded_intermediate_size(self) -> int:
+        """The network's MLP width: ``intermediate_size`` rounded up to ``pad_intermediate_size_multiple``
+        (the same on every layout; the extra units' weights are zero)."""
+        step = self.pad_intermediate_size_multiple
+        return -(-self.intermediate_size // step) * step
+
+
+def mlp_width_dim(name: str) -> int | None:
+    """The dimension of parameter ``name`` (the network's name) that is the MLP width, padded with zeros:
+    0 for the rows of a SwiGLU's ``gate`` and ``up`` (dense or an expert's), 1 for the columns of its
+    ``proj``; ``None`` for every other parameter (the router's ``gate`` included)."""
+    parts = name.split(".")
+    if parts[0] != "layers" or parts[-1] != "weight" or len(parts) < 3 or parts[2] != "mlp":
+        return None
+    if len(parts) == 5:
+        linear = parts[3]  # layers.{i}.mlp.{gate,up,proj}.weight
+    elif len(parts) == 7 and parts[3] == "experts":
+        linear = parts[5]  # layers.{i}.mlp.experts.{e}.{gate,up,proj}.weight
+    else:
+        return None
+    return {"gate": 0, "up": 0, "proj": 1}.get(linear)
+
+
+def pad_mlp_width(tensor: Tensor, dim: int, width: int) -> Tensor:
+    """``tensor`` with zeros appended along ``dim`` (0 or 1 of a matrix) up to ``width``."""
+    extra = width - tensor.shape[dim]
+    return F.pad(tensor, (0, extra) if dim == 1 else (0, 0, 0, extra)) if extra else tensor
+
 
 class LlamaEmbedding(nn.Module):
     """Token embedding only (positions are rotary, inside attention)."""
@@ -112,7 +149,7 @@ class LlamaBlock(ResidualBlock):
         self.ln_1 = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.attn = GroupedQueryAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.rope_theta)
         self.ln_2 = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
-        self.mlp = mlp if mlp is not None else SwiGLU(cfg.n_embd, cfg.intermediate_size)
+        self.mlp = mlp if mlp is not None else SwiGLU(cfg.n_embd, cfg.padded_intermediate_size)
 
 
 class LlamaNetwork(CausalLMNetwork):
@@ -144,7 +181,7 @@ class LlamaNetwork(CausalLMNetwork):
         return MoE(
             cfg.n_embd,
             cfg.num_experts,
-            lambda: SwiGLU(cfg.n_embd, cfg.intermediate_size),
+            lambda: SwiGLU(cfg.n_embd, cfg.padded_intermediate_size),
             top_k=cfg.moe_top_k,
             capacity_factor=None,
             aux_loss_coef=cfg.moe_aux_loss_coef * cfg.moe_top_k / cfg.n_layer,
@@ -157,3 +194,20 @@ class LlamaNetwork(CausalLMNetwork):
         if ".ln_" in name or name.startswith("norm"):
             return None
         return 0.02
+
+    def random_init_source(self, seed: int) -> Callable[..., Tensor]:
+        """The shared seeded init, with the MLP drawn at its real width and zero-padded: the pads start at
+        zero (and stay there: their gradients are exactly zero), and the real weights are those of an
+        unpadded model with the same seed."""
+        draw = super().random_init_source(seed)
+        real, padded = self.cfg.intermediate_size, self.cfg.padded_intermediate_size
+
+        def source(name: str, shape: Size, shard: Shard | None = None) -> Tensor:
+            dim = mlp_width_dim(name)
+            if dim is None or shape[dim] != padded:
+                return draw(name, shape, shard)
+            unpadded = list(shape)
+            unpadded[dim] = real
+            return pad_mlp_width(draw(name, Size(unpadded), None), dim, padded)
+
+        return source

@@ -2,8 +2,9 @@
 bad input refused by name.
 
 The Hugging Face checkpoints are tiny random models saved locally with an awkward shape: a vocabulary of
-1001 (not a multiple of 64: ours is padded), 6 query heads over 2 kv heads, an MLP width of 90 (45 rows
-per tp rank), every tensor (norms and router included) random. Tolerances are the GPT-2 tests': both sides
+1001 (not a multiple of 64: ours is padded), 6 query heads over 2 kv heads, an odd MLP width of 91 (ours
+is zero-padded to 96: 48 rows per tp rank, the second rank's reaching into the padding), every tensor (norms
+and router included) random. Tolerances are the GPT-2 tests': both sides
 compute in fp32 on the same weights with other kernels and summation orders (differences around 1e-6), so
 1e-5 fails any layout mistake (a swapped k/v, a wrong rotary half, a kv head given to the wrong queries) by
 orders of magnitude. The training parity runs are compared with a plain one-process PyTorch loop
@@ -21,7 +22,9 @@ import torch
 from lightning_par.models import Llama
 from lightning_par.models.hf_llama import llama_config_kwargs, llama_weight_source
 from lightning_par.models.hf_llama_export import llama_state_dict_to_hf
+from lightning_par.models.llama_network import mlp_width_dim
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import (
     LlamaConfig,
@@ -44,7 +47,7 @@ RTOL, ATOL = 1e-5, 1e-6  # layout parity: fp32 sums in another order
 SHAPE = dict(
     vocab_size=VOCAB,
     hidden_size=48,
-    intermediate_size=90,
+    intermediate_size=91,
     num_hidden_layers=3,
     num_attention_heads=6,
     num_key_value_heads=2,
@@ -55,7 +58,8 @@ SHAPE = dict(
     bos_token_id=None,
     eos_token_id=None,
 )
-# (transformers' default grouped-matmul experts need 16-byte strides, which a width of 90 does not have)
+# (transformers' default grouped-matmul experts need 16-byte strides, which a width of 91 does not have)
+PADDED_MLP = 96  # the network's MLP width: 91 zero-padded to a multiple of 16
 MIXTRAL = {**SHAPE, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
 EAGER = {"experts_implementation": "eager"}
 ROWS, SEQ = 4, 24
@@ -202,11 +206,24 @@ def _data() -> FixedBatches:
     return FixedBatches(64, TINY["max_position_embeddings"], TINY["vocab_size"], ignore_some=True)
 
 
-def _export_run(world: int, ckpt: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """3 AdamW steps of a random Llama under tp2 (2 kv heads, one per rank), saved; its predictions."""
+def _mlp_padding(model: Llama) -> tuple[int, float]:
+    """(how many MLP weights are padding, the largest of their magnitudes), over the whole tensors."""
+    count, largest, real = 0, 0.0, model.config.intermediate_size
+    for name, param in model.model.named_parameters():
+        dim = mlp_width_dim(name)
+        if dim is not None:
+            full = (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+            pad = full.narrow(dim, real, full.shape[dim] - real)
+            count, largest = count + pad.numel(), max(largest, float(pad.abs().max()))
+    return count, largest
+
+
+def _export_run(world: int, ckpt: str) -> dict[str, Any]:
+    """3 AdamW steps of a random Llama under tp2 (2 kv heads, one per rank; MLP width 91 padded to 96),
+    saved; its predictions and its MLP padding after training."""
     L.seed_everything(SEED, verbose=False)
     model = Llama(
-        vocab_size=VOCAB, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, intermediate_size=90, **OPTIM
+        vocab_size=VOCAB, n_layer=2, n_head=6, n_kv_head=2, n_embd=48, intermediate_size=91, **OPTIM
     )
     trainer = quiet_trainer(
         lightning_par.TensorParallelStrategy(tensor_parallel_size=2),
@@ -216,9 +233,10 @@ def _export_run(world: int, ckpt: str) -> list[tuple[torch.Tensor, torch.Tensor]
         num_sanity_val_steps=0,
     )
     trainer.fit(model, DataLoader(FixedBatches(16, 32, VOCAB), batch_size=4))
+    padding = _mlp_padding(model)
     trainer.save_checkpoint(ckpt)
     logits = trainer.predict(model, DataLoader(Rows(_ids(1), labelled=False), batch_size=4))
-    return logits
+    return {"logits": logits, "padding": padding}
 
 
 # ---- two processes ------------------------------------------------------------------------------------------
@@ -279,7 +297,9 @@ def test_two_processes_hf_parity_training_parity_and_export(checkpoints: dict, t
     with torch.no_grad():
         ref = hf(input_ids=_ids(1)).logits
     for r in results:
-        torch.testing.assert_close(r["export"][0], ref, **TOL)
+        # Zero pads have exactly zero gradients, and AdamW's decay of zero is zero: still exactly zero.
+        assert r["export"]["padding"] == (2 * 3 * 5 * 48, 0.0), r["export"]["padding"]
+        torch.testing.assert_close(r["export"]["logits"][0], ref, **TOL)
 
 
 # ---- four processes -----------------------------------------------------------------------------------------
@@ -332,6 +352,7 @@ def test_llama_and_mistral_match_hf_in_one_process(tmp_path: Any) -> None:
     hf = _save(tmp_path / "llama")
     ours = _ours(tmp_path / "llama")
     assert ours.config.padded_vocab_size() == 1024 and ours.config.rope_theta == 5000.0
+    assert ours.config.padded_intermediate_size == PADDED_MLP and _mlp_padding(ours) == (3 * 3 * 5 * 48, 0.0)
     _compare(ours, hf, _ids())
     # attn.kv rows are [kv head, (k|v), head_dim]: HF's k_proj and v_proj interleaved head by head.
     kv = ours.model.layers["1"].attn.kv.weight.view(2, 2, 8, 48)
@@ -408,6 +429,11 @@ def test_weight_source_reads_only_the_requested_shard(tmp_path: Any) -> None:
                         if cut:  # (vocabulary tensors are split by rows only)
                             got = got.narrow(dim, rank * step, step)
                         assert torch.equal(got, whole.narrow(dim, rank * step, step)), (kind, name, dim)
+            if (dim := mlp_width_dim(name)) is not None:  # a slice wholly in the MLP padding: zeros
+                real = SHAPE["intermediate_size"]
+                pad = source(name, param.shape, (dim, real, PADDED_MLP))
+                assert pad.shape == whole.narrow(dim, real, PADDED_MLP - real).shape and not pad.any(), name
+                assert not whole.narrow(dim, real, PADDED_MLP - real).any(), name
 
 
 def test_export_round_trip_in_one_process(tmp_path: Any) -> None:
@@ -424,15 +450,33 @@ def test_export_round_trip_in_one_process(tmp_path: Any) -> None:
             assert torch.equal(p, back.model.state_dict()[name]), name
         if kind == "llama":  # (transformers 5 holds Mixtral's experts fused in memory: other keys)
             assert set(llama_state_dict_to_hf(ours.state_dict(), ours.config)) == set(hf.state_dict())
+            state = {k: v.clone() for k, v in ours.model.state_dict().items()}
+            state["layers.1.mlp.proj.weight"][3, PADDED_MLP - 1] = 0.5  # (a pad that is not zero)
+            with pytest.raises(
+                ValueError, match=r"'layers.1.mlp.proj.weight' has nonzero values in its padded"
+            ):
+                llama_state_dict_to_hf(state, ours.config)
 
 
 def test_flops_count_every_matmul_parameter_a_token_meets():
-    for kw in ({}, MOE):
-        model = Llama(**TINY, **kw)
+    """At the real MLP width: an odd width's zero padding is no useful work. (The seeded init of a padded
+    MLP is the unpadded one's, with zeros after it.)"""
+    for kw in ({}, MOE, {"intermediate_size": 45}):
+        model = Llama(**{**TINY, **kw}, init_seed=3)
+        unpadded = Llama(**{**TINY, **kw}, init_seed=3, pad_intermediate_size_multiple=1)
         model.configure_model()
+        unpadded.configure_model()
+        real = unpadded.model.state_dict()
+        for name, p in model.model.state_dict().items():
+            dim, width = mlp_width_dim(name), kw.get("intermediate_size", TINY["intermediate_size"])
+            if dim is not None:
+                assert not p.narrow(dim, width, p.shape[dim] - width).any(), name
+                p = p.narrow(dim, 0, width)
+            assert torch.equal(p, real[name]), name
         c, experts = model.config, kw.get("num_experts")
+        assert c.padded_intermediate_size == 48
         per_token = 0.0
-        for name, p in model.model.named_parameters():
+        for name, p in unpadded.model.named_parameters():
             if p.ndim == 2 and not name.startswith("embed"):
                 rows = c.vocab_size if name == "head.weight" else p.shape[0]
                 share = c.moe_top_k / experts if ".experts." in name else 1.0
@@ -445,17 +489,28 @@ def test_flops_count_every_matmul_parameter_a_token_meets():
 def test_bad_shapes_and_layouts_are_refused_by_name():
     with pytest.raises(ValueError, match=r"n_head=6 is not a multiple of n_kv_head=4"):
         Llama(n_head=6, n_kv_head=4, n_embd=48)
-    model = Llama(n_head=6, n_kv_head=2, n_embd=48, intermediate_size=90)
+    model = Llama(n_head=6, n_kv_head=2, n_embd=48, intermediate_size=91)
     with pytest.raises(
         ValueError, match=r"n_kv_head=2 and tensor_parallel_size=3 do not fit.*Valid .*\[1, 2, 6\]"
     ):
         model.check_layout(3, False)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4 does not divide n_head=6"):
         model.check_layout(4, False)
-    model.check_layout(2, True)  # split kv heads
-    Llama(n_head=8, n_kv_head=2, n_embd=64, intermediate_size=96).check_layout(4, False)  # replicated
-    with pytest.raises(ValueError, match=r"does not divide intermediate_size=90"):
-        Llama(n_head=4, n_kv_head=4, n_embd=32, intermediate_size=90).check_layout(4, False)
+    model.check_layout(2, True)  # split kv heads; the MLP width 91 is padded to 96
+    Llama(n_head=8, n_kv_head=2, n_embd=64, intermediate_size=90).check_layout(4, False)  # replicated
+    with pytest.raises(
+        ValueError,
+        match=r"tensor_parallel_size=5 does not divide intermediate_size=90 padded to 96 .*"
+        r"pad_intermediate_size_multiple=16.*Valid .*\[1, 2\]",
+    ):
+        Llama(n_head=10, n_kv_head=10, n_embd=40, intermediate_size=90).check_layout(5, False)
+    unpadded = Llama(n_head=4, n_kv_head=4, n_embd=32, intermediate_size=90, pad_intermediate_size_multiple=1)
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=4 does not divide intermediate_size=90 padded to 90"
+    ):
+        unpadded.check_layout(4, False)
+    with pytest.raises(ValueError, match=r"pad_intermediate_size_multiple=0 is not valid"):
+        Llama(pad_intermediate_size_multiple=0)
 
 
 @pytest.mark.parametrize(
