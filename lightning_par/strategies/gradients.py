@@ -35,6 +35,7 @@ def check_gradient_options(
     rank: int,
     start_step: int,
     overlap_param_gather: bool,
+    compress_embeddings: bool = False,
 ) -> None:
     """Refuse bad gradient-communication settings by name (at ``Trainer(...)``, before any process)."""
     Compression(compression)  # (validates the name)
@@ -49,6 +50,8 @@ def check_gradient_options(
             "distributed_optimizer=True reduce-scatters them: use gradient_compression='bf16' or 'fp16' "
             "with the distributed optimizer, or distributed_optimizer=False with PowerSGD."
         )
+    if not isinstance(compress_embeddings, bool):
+        raise ValueError(f"powersgd_compress_embeddings={compress_embeddings!r} is not valid: True or False.")
     if isinstance(bucket_mb, bool) or not bucket_mb > 0:
         raise ValueError(f"gradient_bucket_mb={bucket_mb!r} is not valid: it must be megabytes > 0.")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -70,7 +73,9 @@ class GradientHandling:
         """Buckets (or distributed optimizers) for the optimizers ``setup_optimizers`` made."""
         module, sync = self.lightning_module, self.parallelized.grad_sync
         groups = (sync.dp, sync.edp)
-        compression = Compression(self.gradient_compression, groups, *self.powersgd)
+        rank, start, compress_embeddings = self.powersgd
+        whole = () if compress_embeddings else _embedding_ids(module, sync.tied)
+        compression = Compression(self.gradient_compression, groups, rank, start, whole)
         if self.distributed_optimizer:
             dist_opts = [
                 DistributedOptimizer(o, module, sync, self.gradient_bucket_mb, compression)
@@ -250,3 +255,21 @@ def _forward_units(module: Any, runner: Any) -> tuple[list[Any], Any]:
         return [network if network is not None else module], None
     parts = [getattr(network, "embed", None), *layers.values(), getattr(network, "norm", None)]
     return [p for p in (*parts, getattr(network, "head", None)) if p is not None], network
+
+
+def _embedding_ids(module: torch.nn.Module, tied: list[tuple[list[str], Any]]) -> set[int]:
+    """Ids of the token embedding tables' weights (``ParallelEmbedding``: the vocabulary, whose gradient
+    is row-sparse; position tables use every row each step and are compressed like any matrix), and of
+    the copies tied to one across pipeline ranks."""
+    from lightning_par.tensor_parallel.layers import ParallelEmbedding
+
+    names = {
+        f"{prefix}.{n}" if prefix else n
+        for prefix, m in module.named_modules()
+        if isinstance(m, ParallelEmbedding)
+        for n, _ in m.named_parameters(recurse=False)
+    }
+    for group, _ in tied:
+        if names.intersection(group):
+            names.update(group)
+    return {id(p) for n, p in module.named_parameters(remove_duplicate=False) if n in names}

@@ -81,7 +81,8 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
             reading weights after the step sees last step's outside this replica's range).
         gradient_compression: ``None``, ``"bf16"``, ``"fp16"`` (the data-parallel sum sent in 16 bits) or
             ``"powersgd"`` (torch's PowerSGD: rank ``powersgd_rank`` factors with error feedback, from
-            step ``powersgd_start_step``; not with the distributed optimizer).
+            step ``powersgd_start_step``; not with the distributed optimizer). The token embedding goes
+            whole unless ``powersgd_compress_embeddings`` (see :class:`~lightning_par.optim.buckets.Compression`).
         activation_checkpointing: ``"full"`` (each block keeps only its input and re-runs its forward in
             backward), ``"selective"`` (keeps matmul, attention and communication outputs, recomputes the
             rest) or ``None`` (see :mod:`lightning_par.memory.recompute`).
@@ -117,6 +118,7 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
         gradient_compression: str | None = None,
         powersgd_rank: int = 4,
         powersgd_start_step: int = 10,
+        powersgd_compress_embeddings: bool = False,
         activation_checkpointing: str | None = None,
         recompute_num_layers: int | None = None,
         layout: str | None = None,
@@ -156,6 +158,7 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
             powersgd_rank,
             powersgd_start_step,
             overlap_param_gather,
+            powersgd_compress_embeddings,
         )
         # Schedule settings are checked now (Trainer(...)), against pp once the layout is known.
         pp = pipeline_parallel_size or 1
@@ -176,7 +179,7 @@ class HybridParallelStrategy(GradientHandling, GuardedRun, ShardedCheckpointIO, 
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
         self.gradient_compression = gradient_compression
-        self.powersgd = (powersgd_rank, powersgd_start_step)
+        self.powersgd = (powersgd_rank, powersgd_start_step, powersgd_compress_embeddings)
         self.grad_buckets = None
         self._all_buckets = []
         self.distributed_optimizers: dict[int, DistributedOptimizer] = {}

@@ -25,13 +25,14 @@ class Comm(L.Callback):
         self.steps.append(dict(trainer.strategy.last_communication))
 
 
-def _fit(world: int, kind: str | None, distributed_optimizer: bool = False) -> dict:
+def _fit(world: int, kind: str | None, distributed_optimizer: bool = False, embeddings: bool = False) -> dict:
     L.seed_everything(SEED, verbose=False)
     strategy = lightning_par.HybridParallelStrategy(
         tensor_parallel_size=1,
         gradient_compression=kind,
         powersgd_rank=RANK,
         powersgd_start_step=START,
+        powersgd_compress_embeddings=embeddings,
         distributed_optimizer=distributed_optimizer,
     )
     rec, comm = Recorder(), Comm()
@@ -39,7 +40,11 @@ def _fit(world: int, kind: str | None, distributed_optimizer: bool = False) -> d
     model = GPT(**TINY, **OPTIM)
     data = FixedBatches(64, TINY["block_size"], TINY["vocab_size"])
     trainer.fit(model, DataLoader(data, batch_size=BATCH))
+    embedding = {id(model.model.embed.wte.weight)}  # (the token table, a vector to PowerSGD by default)
     shapes = [tuple(p.shape) for p in model.parameters()]
+    as_sent = [
+        (p.numel(),) if id(p) in embedding and not embeddings else tuple(p.shape) for p in model.parameters()
+    ]
     padded = sum(b.padded for buckets in trainer.strategy._all_buckets for b in buckets.buckets)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {
@@ -47,6 +52,7 @@ def _fit(world: int, kind: str | None, distributed_optimizer: bool = False) -> d
         "comm": comm.steps,
         "losses": rec.losses,
         "shapes": shapes,
+        "as_sent": as_sent,
         "padded": padded,
         "params": params,
     }
@@ -55,18 +61,19 @@ def _fit(world: int, kind: str | None, distributed_optimizer: bool = False) -> d
 def _runs(rank: int, world: int) -> dict:
     out = {kind: _fit(world, kind) for kind in KINDS}
     out["bf16 reduce-scatter"] = _fit(world, "bf16", distributed_optimizer=True)
+    out["powersgd embeddings"] = _fit(world, "powersgd", embeddings=True)
     return out
 
 
 def _powersgd_elements(shapes: list[tuple[int, ...]], rank: int) -> int:
-    """What torch's PowerSGD sends per step: (n + m) r for a matrix it compresses, the rest whole (its rule:
-    compress when that at least halves the elements)."""
+    """What torch's PowerSGD sends per step: (n + m) r for a matrix it compresses, the rest whole (its rule,
+    with the strategy's ``min_compression_rate=1``: compress when that sends fewer elements)."""
     total = 0
     for shape in shapes:
         n = shape[0]
         m = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
         r = min(n, m, rank)
-        total += (n + m) * r if (n + m) * r * 2 < n * m else n * m
+        total += (n + m) * r if (n + m) * r < n * m else n * m
     return total
 
 
@@ -74,22 +81,21 @@ def test_compressed_reductions_send_the_counted_bytes_and_stay_close():
     results = run_distributed(_runs, 2, init_process_group=False, timeout=240)
     res = results[0]
     numel = sum(int(torch.tensor(s).prod()) for s in res[None]["shapes"])
-    for kind in KINDS:
+    for kind in (*KINDS, "powersgd embeddings"):
         comm = res[kind]["comm"]
         assert len(comm) == STEPS
         for step, c in enumerate(comm):
             assert c["comm/grad_bytes_uncompressed"] == 4 * numel, (kind, step)  # fp32 gradients
-            expected = {
-                None: 4 * numel,
-                "bf16": 2 * numel,
-                "fp16": 2 * numel,
-                # plain all-reduce before powersgd_start_step, then the factors
-                "powersgd": 4 * (numel if step < START else _powersgd_elements(res[kind]["shapes"], RANK)),
-            }[kind]
+            # PowerSGD: a plain all-reduce before powersgd_start_step, then the factors
+            factors = numel if step < START else _powersgd_elements(res[kind].get("as_sent", []), RANK)
+            expected = {None: 4 * numel, "bf16": 2 * numel, "fp16": 2 * numel}.get(kind, 4 * factors)
             assert c["comm/grad_bytes"] == expected, (kind, step, c)
             assert c["comm/grad_exposed_s"] >= 0
         assert all(torch.isfinite(torch.tensor(res[kind]["losses"])))
-    assert res["powersgd"]["comm"][-1]["comm/grad_bytes"] < numel  # less than a quarter of fp32
+    # Embedding tables go whole by default (the counts above), as factors when asked.
+    assert res["powersgd"]["as_sent"] != res["powersgd embeddings"]["as_sent"]
+    whole, factored = (res[k]["comm"][-1]["comm/grad_bytes"] for k in ("powersgd", "powersgd embeddings"))
+    assert factored < whole < 4 * numel and factored < numel  # (factored: less than a quarter of fp32)
     # Step 0 (same weights everywhere): 16-bit sums round each element to 8 (bf16) or 11 (fp16) bits;
     # PowerSGD's first step is the exact all-reduce.
     exact = res[None]["grads"][0]
@@ -109,7 +115,7 @@ def test_compressed_reductions_send_the_counted_bytes_and_stay_close():
     for name, value in do["params"].items():  # (the replicas gathered the same weights)
         assert torch.equal(value, results[1]["bf16 reduce-scatter"]["params"][name]), name
     # Both replicas applied the same (compressed) update: their gradients agree bitwise.
-    for kind in KINDS:
+    for kind in (*KINDS, "powersgd embeddings"):
         for step in range(STEPS):
             for name, g in results[0][kind]["grads"][step].items():
                 assert torch.equal(g, results[1][kind]["grads"][step][name]), (kind, step, name)
@@ -124,5 +130,9 @@ def test_bad_compression_settings_are_refused_by_name():
         lightning_par.HybridParallelStrategy(gradient_compression="powersgd", powersgd_rank=0)
     with pytest.raises(ValueError, match=r"powersgd_start_step=1 is not valid"):
         lightning_par.HybridParallelStrategy(gradient_compression="powersgd", powersgd_start_step=1)
+    with pytest.raises(ValueError, match=r"powersgd_compress_embeddings='yes' is not valid"):
+        lightning_par.HybridParallelStrategy(
+            gradient_compression="powersgd", powersgd_compress_embeddings="yes"
+        )
     with pytest.raises(ValueError, match=r"gradient_bucket_mb=0 is not valid"):
         lightning_par.HybridParallelStrategy(gradient_bucket_mb=0)
