@@ -1,13 +1,14 @@
 """The planner's step-time predictions against measured steps, on 2 and 4 gloo processes.
 
-    python benchmarks/planner_time.py                      # calibrates, then 11 layouts of one GPT
+    python benchmarks/planner_time.py                      # calibrates, then 14 layouts of one GPT
     python benchmarks/planner_time.py --profile cpu.json   # reuse a profile from `lightning-par plan --calibrate`
     python benchmarks/planner_time.py --smoke              # tiny shape, 2 layouts, 1 timed step
 
 Every layout trains the same GPT through ``lightning.Trainer`` with ``HybridParallelStrategy``; the step
-time is the median of the timed steps. Printed: predicted and measured ms per step, their ratio, the
-Spearman rank correlation per process count, and whether the planner's pick for 2 processes was the
-fastest measured (or within 5% of it).
+time is the median of the timed steps, and the layouts alternate round by round (medians of the rounds
+are quoted: this machine's speed drifts by 10-40% from one minute to the next). Printed: predicted and
+measured ms per step, their ratio, Spearman's rank correlation per process count and over all layouts,
+and whether the planner's pick for 2 processes was the fastest measured (or within 5% of it).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ LAYOUTS = {
     "dp2 full": (2, dict(tp=1, pp=1, dp=2, recompute="full")),
     "pp2 1f1b": (2, dict(tp=1, pp=2, dp=1, schedule="1f1b")),
     "pp2 gpipe": (2, dict(tp=1, pp=2, dp=1, schedule="gpipe")),
+    "pp2 1f1b m2": (2, dict(tp=1, pp=2, dp=1, schedule="1f1b", micro_batch_size=4)),
     "dp4": (4, dict(tp=1, pp=1, dp=4)),
     "tp2 dp2": (4, dict(tp=2, pp=1, dp=2)),
     "tp2 pp2": (4, dict(tp=2, pp=2, dp=1, schedule="1f1b")),
     "pp4": (4, dict(tp=1, pp=4, dp=1, schedule="1f1b")),
+    "pp4 m4": (4, dict(tp=1, pp=4, dp=1, schedule="1f1b", micro_batch_size=2)),
+    "tp2 pp2 m2": (4, dict(tp=2, pp=2, dp=1, schedule="1f1b", micro_batch_size=4)),
 }
 SMOKE_LAYOUTS = ("dp2", "pp2 1f1b")
 
@@ -47,15 +51,27 @@ def _layout(fields: dict, batch: int):
 
     dp, pp = fields["dp"], fields["pp"]
     per_replica = batch // dp
-    micro = 1 if pp > 1 else per_replica
+    micro = fields.get("micro_batch_size", 1 if pp > 1 else per_replica)
     return Layout(**{**fields, "micro_batch_size": micro, "num_microbatches": per_replica // micro})
 
 
 def _run_all(
-    rank: int, world: int, layouts: list[dict], shape: dict, batch: int, warmup: int, steps: int
-) -> list[float]:
-    """Each layout's median step time, one after another in this spawn (process start costs seconds)."""
-    return [_run(rank, world, fields, shape, batch, warmup, steps) for fields in layouts]
+    rank: int,
+    world: int,
+    layouts: list[dict],
+    shape: dict,
+    batch: int,
+    warmup: int,
+    steps: int,
+    rounds: int,
+) -> list[list[float]]:
+    """Each layout's median step time per round, the layouts alternating round by round (A B C A B C:
+    this machine's speed drifts from minute to minute), all in this spawn (process start costs seconds)."""
+    times: list[list[float]] = [[] for _ in layouts]
+    for _ in range(rounds):
+        for i, fields in enumerate(layouts):
+            times[i].append(_run(rank, world, fields, shape, batch, warmup, steps))
+    return times
 
 
 def _run(rank: int, world: int, fields: dict, shape: dict, batch: int, warmup: int, steps: int) -> float:
@@ -96,19 +112,29 @@ def _run(rank: int, world: int, fields: dict, shape: dict, batch: int, warmup: i
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation (no ties expected among step times)."""
+    """Spearman's rank correlation: Pearson's of the ranks, tied values sharing their mean rank (the
+    model predicts 1F1B and GPipe alike, for one)."""
 
-    def ranks(x: list[float]) -> list[int]:
+    def ranks(x: list[float]) -> list[float]:
         order = sorted(range(len(x)), key=lambda i: x[i])
-        out = [0] * len(x)
-        for r, i in enumerate(order):
-            out[i] = r
+        out = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
         return out
 
     ra, rb, n = ranks(a), ranks(b), len(a)
     if n < 2:
         return 1.0
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else 1.0
 
 
 def main() -> None:
@@ -117,6 +143,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="a device profile .json (default: calibrate now)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are quoted)")
     parser.add_argument("--layouts", default=None, help="comma-separated names (default: all)")
     args = parser.parse_args()
     from lightning_par.planner import ModelSpec, calibrate, evaluate, get_device, plan_layouts
@@ -145,16 +172,22 @@ def main() -> None:
             BATCH,
             warmup,
             steps,
+            1 if args.smoke else args.rounds,
             init_process_group=False,
             timeout=3000,
         )
         for i, name in enumerate(group):
             layout = _layout(LAYOUTS[name][1], BATCH)
             plan = evaluate(spec, layout, device, world, BATCH, shape["block_size"], "32-true")
-            predicted, slowest_rank = plan.prediction["step_s"], max(m[i] for m in measured)
+            # The slowest rank's step, per round; the median over rounds.
+            per_round = [max(m[i][r] for m in measured) for r in range(len(measured[0][i]))]
+            predicted, slowest_rank = plan.prediction["step_s"], statistics.median(per_round)
             rows.append((name, world, predicted, slowest_rank))
             print(
                 f"{name:12s} {world} proc  predicted {predicted * 1e3:8.1f} ms  measured {slowest_rank * 1e3:8.1f} ms"
+                f"  (rounds: {', '.join(f'{x * 1e3:.0f}' for x in per_round)}; predicted compute "
+                f"{plan.prediction['compute_s'] * 1e3:.0f}, exposed comm {plan.prediction['comm_exposed_s'] * 1e3:.0f}, "
+                f"bubble {plan.prediction['bubble_s'] * 1e3:.0f} ms)"
             )
     print(f"\n{'layout':12s} {'procs':>5s} {'predicted ms':>13s} {'measured ms':>12s} {'ratio':>6s}")
     for name, world, p, m in rows:
@@ -165,6 +198,10 @@ def main() -> None:
         rho = spearman([r[2] for r in sub], [r[3] for r in sub])
         summary[world] = rho
         print(f"spearman ({world} processes, {len(sub)} layouts): {rho:.3f}")
+    rho = spearman([r[2] for r in rows], [r[3] for r in rows])
+    summary["all"] = rho
+    worst = max(abs(r[2] / r[3] - 1) for r in rows)
+    print(f"spearman (all {len(rows)} layouts): {rho:.3f}; largest |predicted / measured - 1|: {worst:.1%}")
     two = [r for r in rows if r[1] == 2]
     if two:
         # The pick among the measured layouts (micro-batches as _layout makes them).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,41 @@ def _timed(fn: Any, repeat: int) -> float:
 
 
 def measure_compute(repeat: int = 5) -> dict[str, float]:
-    """FLOP/s of an fp32 matmul and of attention, and bytes/s of a large copy, on one thread."""
+    """One thread's throughputs, each measured on the kind of work a training step does: FLOP/s of fp32
+    linear layers forward and backward, of attention forward and backward, the
+    elementwise kernels' bytes/s counted as the cost model counts them, AdamW's step and the host time
+    per tensor op."""
     torch.set_num_threads(1)
-    a, b = torch.randn(1024, 512), torch.randn(512, 1024)
-    matmul = 2 * 1024 * 512 * 1024 / _timed(lambda: a @ b, repeat)
-    q = torch.randn(4, 8, 256, 64)
-    attention = (
-        4
-        * 4
-        * 256
-        * 256
-        * 512
-        / _timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), repeat)
-    )
-    x = torch.empty(16 * 2**20 // 4)
-    y = torch.empty_like(x)
-    copy = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), repeat)
+    # Linear layers forward and backward (y = x W^T, then dX = dY W and dW = dY^T X: the transposed
+    # operands backward really multiplies), of a transformer block's shapes, 512 tokens.
+    flops = seconds = 0.0
+    for h in (256, 512):
+        for k, n in ((h, 3 * h), (h, h), (h, 4 * h), (4 * h, h)):
+            x = torch.randn(512, k, requires_grad=True)
+            w = torch.randn(n, k, requires_grad=True)
+            flops += 3 * 2 * 512 * k * n
+            seconds += _timed(lambda x=x, w=w: torch.nn.functional.linear(x, w).sum().backward(), repeat)
+    matmul = flops / seconds
+    # Attention forward and backward: 3x the forward's 4 n s h FLOPs, as the cost model counts them.
+    q = torch.randn(4, 8, 256, 64, requires_grad=True)
+
+    def attention_step() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+
+    attention = 3 * 4 * (4 * 256) * 256 * 512 / _timed(attention_step, repeat)
+    # Elementwise: layer norm and GELU forward and backward; the cost model charges five passes over
+    # the bytes they keep for backward (their two inputs), so the rate is in those units.
+    x = torch.randn(1024, 1024, requires_grad=True)
+
+    def elementwise() -> None:
+        torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, (1024,))).sum().backward()
+
+    memory = 5 * 2 * x.numel() * 4 / _timed(elementwise, repeat)
+    # AdamW's step (torch's default implementation), at the cost model's 32 bytes per element.
+    p = torch.nn.Parameter(torch.randn(2**22))
+    p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW([p], lr=1e-3)
+    optimizer = 32 * p.numel() / _timed(adamw.step, 3 * repeat)
     # Host time per op: a tiny linear, GELU and sum, forward and backward (about 10 ops).
     w = torch.randn(4, 4, requires_grad=True)
     v = torch.randn(2, 4)
@@ -56,30 +76,36 @@ def measure_compute(repeat: int = 5) -> dict[str, float]:
         torch.nn.functional.gelu(v @ w).sum().backward()
 
     op = _timed(tiny, 20 * repeat) / 10
-    return {"matmul_flops": matmul, "attention_flops": attention, "memory_bandwidth": copy, "op_overhead": op}
+    return {
+        "matmul_flops": matmul,
+        "attention_flops": attention,
+        "memory_bandwidth": memory,
+        "optimizer_bandwidth": optimizer,
+        "op_overhead": op,
+    }
 
 
-def _op(name: str, nbytes: int, rank: int, world: int) -> Any:
-    """A call running collective ``name`` once on a ``nbytes`` buffer."""
+def _op(name: str, nbytes: int, rank: int, size: int, group: Any = None) -> Any:
+    """A call running collective ``name`` once on a ``nbytes`` buffer over ``group`` (``size`` ranks)."""
     import torch.distributed as dist
 
     n = nbytes // 4
     x = torch.ones(n)
-    part = torch.empty(max(n // world, 1))
-    whole = x[: part.numel() * world]
+    part = torch.empty(max(n // size, 1))
+    whole = x[: part.numel() * size]
     out = torch.empty(n)
     if name == "all_reduce":
-        return lambda: dist.all_reduce(x)
+        return lambda: dist.all_reduce(x, group=group)
     if name == "reduce_scatter":
-        return lambda: dist.reduce_scatter_tensor(part, whole)
+        return lambda: dist.reduce_scatter_tensor(part, whole, group=group)
     if name == "all_gather":
-        return lambda: dist.all_gather_into_tensor(whole, part)
+        return lambda: dist.all_gather_into_tensor(whole, part, group=group)
     if name == "all_to_all":
-        return lambda: dist.all_to_all_single(out[: whole.numel()], whole)
+        return lambda: dist.all_to_all_single(out[: whole.numel()], whole, group=group)
     peer = rank ^ 1
 
     def p2p() -> None:
-        if peer >= world:
+        if peer >= dist.get_world_size():
             return
         if rank % 2 == 0:
             dist.send(x, peer)
@@ -89,15 +115,21 @@ def _op(name: str, nbytes: int, rank: int, world: int) -> Any:
     return p2p
 
 
-def _collectives(rank: int, world: int, repeat: int) -> dict[str, tuple[float, float]]:
+def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str, tuple[float, float]]:
+    """Every collective over groups of ``size`` ranks (0: the world), all groups at once."""
     import torch.distributed as dist
 
+    size = size or world
+    group = None
+    if size < world:  # (every rank creates every group, in the same order)
+        groups = [dist.new_group(list(range(g, g + size))) for g in range(0, world, size)]
+        group = groups[rank // size]
     barrier = _timed(dist.barrier, repeat)
     out = {}
     for name in COLLECTIVES:
         times = {}
         for nbytes in (SMALL, LARGE):
-            fn = _op(name, nbytes, rank, world)
+            fn = _op(name, nbytes, rank, size, group)
 
             def synced(fn: Any = fn) -> None:
                 dist.barrier()  # (every rank starts together; four calls make the barrier's share small)
@@ -105,28 +137,38 @@ def _collectives(rank: int, world: int, repeat: int) -> dict[str, tuple[float, f
                     fn()
 
             times[nbytes] = max((_timed(synced, repeat) - barrier) / 4, 1e-7)
-        factor = {"all_reduce": 2 * (world - 1) / world, "p2p": 1.0}.get(name, (world - 1) / world)
+        factor = {"all_reduce": 2 * (size - 1) / size, "p2p": 1.0}.get(name, (size - 1) / size)
         bandwidth = factor * (LARGE - SMALL) / max(times[LARGE] - times[SMALL], 1e-9)
         out[name] = (bandwidth, times[SMALL])
     return out
 
 
-def _child(rank: int, world: int, port: int, repeat: int, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _child(rank: int, world: int, port: int, fn: Any, args: tuple, init: bool, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if init:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = _collectives(rank, world, repeat)
+        result = fn(rank, world, *args)
         if rank == 0:
             queue.put(result)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def measure_collectives(world: int = 2, repeat: int = 5) -> dict[str, tuple[float, float]]:
-    """``op -> (bus bandwidth bytes/s, latency s)`` of gloo on ``world`` local processes."""
+def _in_processes(world: int, fn: Any, *args: Any, init: bool = True) -> Any:
+    """``fn(rank, world, *args)`` in ``world`` local gloo processes; rank 0's result."""
     import socket
 
     import torch.multiprocessing as mp
@@ -139,13 +181,114 @@ def measure_collectives(world: int = 2, repeat: int = 5) -> dict[str, tuple[floa
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed"])
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(r, world, port, repeat, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, init, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    result = queue.get(timeout=300)
+    result = queue.get(timeout=600)
     for p in procs:
         p.join(timeout=60)
     return result
+
+
+def measure_collectives(world: int = 2, repeat: int = 5, size: int = 0) -> dict[str, tuple[float, float]]:
+    """``op -> (bus bandwidth bytes/s, latency s)`` of gloo on ``world`` local processes, over groups of
+    ``size`` of them at once (0: the whole world)."""
+    return _in_processes(world, _collectives, repeat, size)
+
+
+# The framework's own time: a model so small that its compute is a few milliseconds.
+_TINY = dict(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=16)
+_TINY_BATCH = 8  # sequences per step; under pipeline parallel, micro-batches of one
+
+
+def _framework_steps(rank: int, world: int, steps: int) -> dict[str, float]:
+    """Median step seconds of the tiny GPT through ``lightning.Trainer`` and the hybrid strategy: data
+    parallel over every process, and a two-stage 1F1B pipeline of one-sequence micro-batches."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_par.models import GPT
+    from lightning_par.strategies.hybrid import HybridParallelStrategy
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self.t0)
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, _TINY["vocab_size"], (64 * _TINY_BATCH, _TINY["block_size"]), generator=g)
+    ]
+    layouts = {
+        "data": dict(data_parallel_size=world),
+        "pipeline": dict(
+            pipeline_parallel_size=2,
+            data_parallel_size=world // 2,
+            num_microbatches=_TINY_BATCH // (world // 2),
+            pipeline_schedule="1f1b",
+        ),
+    }
+    out = {}
+    for name, kw in layouts.items():
+        timer = Timer()
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=world,
+            strategy=HybridParallelStrategy(tensor_parallel_size=1, nonfinite="off", **kw),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            max_steps=3 + steps,
+            callbacks=[timer],
+        )
+        batch = _TINY_BATCH // kw["data_parallel_size"]
+        trainer.fit(GPT(**_TINY, warmup_steps=1), DataLoader(rows, batch_size=batch))
+        out[name] = statistics.median(timer.times[3:])
+    return out
+
+
+def measure_framework(device: DeviceSpec, world: int = 2, steps: int = 8) -> tuple[float, float]:
+    """(seconds per step, seconds per pipeline micro-batch pass) the framework adds to a step beyond the
+    cost model's compute and communication: Lightning's loop, the strategy, the pipeline runner's
+    schedule and transfers, measured on the tiny GPT and less the model's own prediction for it."""
+    from lightning_par.planner.cost import Layout
+    from lightning_par.planner.model import ModelSpec
+    from lightning_par.planner.search import evaluate
+
+    measured = _in_processes(world, _framework_steps, steps, init=False)
+    tiny, seq = ModelSpec.from_any(_TINY), _TINY["block_size"]
+    bare = replace(device, step_overhead=0.0, action_overhead=0.0)
+    data = Layout(tp=1, pp=1, dp=world, micro_batch_size=_TINY_BATCH // world)
+    per_step = (
+        measured["data"] - evaluate(tiny, data, bare, world, _TINY_BATCH, seq, "32-true").prediction["step_s"]
+    )
+    per_step = max(per_step, 0.0)
+    m = _TINY_BATCH // (world // 2)
+    pipe = Layout(tp=1, pp=2, dp=world // 2, micro_batch_size=1, num_microbatches=m)
+    with_step = replace(bare, step_overhead=per_step)
+    predicted = evaluate(tiny, pipe, with_step, world, _TINY_BATCH, seq, "32-true").prediction["step_s"]
+    return per_step, max((measured["pipeline"] - predicted) / (2 * m), 0.0)
+
+
+def with_compute(spec: DeviceSpec, compute: dict[str, float]) -> DeviceSpec:
+    """``spec`` with the throughputs of a :func:`measure_compute` (re-measured when the machine drifts)."""
+    return replace(
+        spec,
+        peak_flops=compute["matmul_flops"],
+        memory_bandwidth=compute["memory_bandwidth"],
+        matmul_efficiency=1.0,
+        attention_efficiency=compute["attention_flops"] / compute["matmul_flops"],
+        memory_efficiency=1.0,
+        op_overhead=compute["op_overhead"],
+        optimizer_bandwidth=compute["optimizer_bandwidth"],
+    )
 
 
 def calibrate(
@@ -153,9 +296,20 @@ def calibrate(
 ) -> DeviceSpec:
     """Measure this machine and return (and, given ``path``, save) its device profile."""
     compute = measure_compute(repeat)
-    per_op = measure_collectives(world, repeat)
-    bw, lat = per_op["all_reduce"]
-    link = Link(bandwidth=bw, latency=lat, measured=tuple((op, b, la) for op, (b, la) in per_op.items()))
+    slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def link_of(ranks: int, size: int = 0) -> Link:
+        per_op = measure_collectives(ranks, repeat, size)
+        bw, lat = per_op["all_reduce"]
+        return Link(bandwidth=bw, latency=lat, measured=tuple((op, b, la) for op, (b, la) in per_op.items()))
+
+    link = link_of(world)
+    # Layouts with more processes than cores (the tests' 4 processes on 2 cores) share them; their
+    # collectives wait for ranks to be scheduled, measured as such: over the whole world, and in pairs
+    # (tp or dp groups of 2 communicating side by side, as in tp2 x dp2 or tp2 x pp2).
+    over = 2 * slots if 2 * slots <= 8 else 0
+    oversubscribed = link_of(over) if over else None
+    oversubscribed_pairs = link_of(over, 2) if over > 2 else None
     spec = DeviceSpec(
         name=name,
         peak_flops=compute["matmul_flops"],
@@ -163,14 +317,16 @@ def calibrate(
         memory_bandwidth=compute["memory_bandwidth"],
         intra_node=link,
         inter_node=link,
-        matmul_efficiency=1.0,
-        attention_efficiency=compute["attention_flops"] / compute["matmul_flops"],
-        memory_efficiency=1.0,
-        op_overhead=compute["op_overhead"],
+        comm_overlap=False,
         usable_memory_fraction=0.8,
-        compute_slots=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        compute_slots=slots,
+        oversubscribed=oversubscribed,
+        oversubscribed_pairs=oversubscribed_pairs,
         source="calibrated",
     )
+    spec = with_compute(spec, compute)
+    step, action = measure_framework(spec, world)
+    spec = replace(spec, step_overhead=step, action_overhead=action)
     if path is not None:
         spec.save(path)
     return spec

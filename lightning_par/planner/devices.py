@@ -84,6 +84,22 @@ class DeviceSpec:
     and hide behind kernels that run for milliseconds at training sizes."""
     compute_slots: int | None = None
     """How many ranks can compute at full speed at once (CPU cores); ``None``: each rank has its own device."""
+    comm_overlap: bool = True
+    """Whether collectives run beside compute (NCCL on its own copy engines and SMs). On a CPU, gloo's
+    transfers and sums take the same cores as the backward they were meant to hide behind: ``False``."""
+    optimizer_bandwidth: float | None = None
+    """Bytes/s of AdamW's step at 32 bytes per element (measured by ``--calibrate``); ``None``: the
+    element-wise rate, ``memory_bandwidth * memory_efficiency`` (a GPU's fused step streams)."""
+    step_overhead: float = 0.0
+    """Seconds the framework adds to every step (Lightning's loop, the strategy), measured on a tiny model
+    by ``--calibrate``; 0 for presets (at GPU training sizes it hides behind the kernels)."""
+    action_overhead: float = 0.0
+    """Seconds the pipeline runner adds per micro-batch pass (forward or backward) of a stage."""
+    oversubscribed: Link | None = None
+    """Collectives measured with more ranks than ``compute_slots`` (twice as many) over all of them: a rank
+    that waits to be scheduled delays every collective it is in. Used for worlds larger than the slots."""
+    oversubscribed_pairs: Link | None = None
+    """The same world's collectives in groups of two, every pair at once (tp or dp groups of 2)."""
     source: str = "preset"
 
     @property
@@ -102,17 +118,20 @@ class DeviceSpec:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("intra_node", "inter_node"):
+        for key in ("intra_node", "inter_node", "oversubscribed", "oversubscribed_pairs"):
             link = getattr(self, key)
-            data[key] = {"bandwidth": link.bandwidth, "latency": link.latency, "per_op": link.per_op}
+            if link is not None:
+                data[key] = {"bandwidth": link.bandwidth, "latency": link.latency, "per_op": link.per_op}
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceSpec:
         """A profile from its JSON (``per_op``: ``{op: [bandwidth, latency]}``)."""
         links = {}
-        for key in ("intra_node", "inter_node"):
-            raw = data[key]
+        for key in ("intra_node", "inter_node", "oversubscribed", "oversubscribed_pairs"):
+            raw = data.get(key)
+            if raw is None:
+                continue
             measured = tuple((op, float(v[0]), float(v[1])) for op, v in raw.get("per_op", {}).items())
             links[key] = Link(float(raw["bandwidth"]), float(raw["latency"]), measured)
         return cls(**{**data, **links})

@@ -10,6 +10,13 @@ input-gradient reduction hides behind the weight-gradient matmul; ep all-to-alls
 forward and backward; pp activations and gradients per micro-batch and stage; dp gradient all-reduce
 (distributed optimizer: reduce-scatter and, after the step, all-gather) hidden behind the last
 micro-batch's backward except its last bucket.
+
+On a CPU profile (``--calibrate``) three more rules hold, each measured on this machine: nothing hides
+behind compute (gloo's transfers and sums take the same cores, ``comm_overlap=False``); with more ranks
+than cores the step is the longer of the critical path and all ranks' work spread over the cores (a rank
+idle in the bubble or a wait gives its core away), with collectives measured at that oversubscription;
+and the framework's own time per step and per pipeline micro-batch pass, measured on a tiny model, is
+added (``step_overhead``, ``action_overhead``: 0 on GPU presets).
 """
 
 from __future__ import annotations
@@ -39,8 +46,14 @@ this code's halves issue them: layer norm, linears, attention, reshapes, GELU, a
 router, sorting, gathers and per-expert linears), what the host pays ``op_overhead`` for."""
 
 
-def _link(device: DeviceSpec, span: int, devices_per_node: int) -> Link:
-    """Ranks ``span`` apart in the mesh are in one node when the group fits in it."""
+def _link(device: DeviceSpec, span: int, devices_per_node: int, world: int = 1, size: int = 0) -> Link:
+    """Ranks ``span`` apart in the mesh are in one node when the group fits in it; with more ranks than
+    cores, the collectives measured so for a group of ``size`` (``DeviceSpec.oversubscribed``)."""
+    slots = device.compute_slots
+    if device.oversubscribed is not None and slots is not None and world > slots:
+        if size == 2 and device.oversubscribed_pairs is not None:
+            return device.oversubscribed_pairs
+        return device.oversubscribed
     return device.intra_node if span <= devices_per_node else device.inter_node
 
 
@@ -54,6 +67,8 @@ class _Rates:
     op: float
     tp_link: Link
     ep_link: Link
+    overlap: bool = True
+    """Collectives run beside compute (``DeviceSpec.comm_overlap``)."""
 
 
 def _stage_time(
@@ -85,7 +100,7 @@ def _stage_time(
             hidden, bwd = tp.time("reduce_scatter", size, t), tp.time("all_gather", size, t)
         else:
             fwd, hidden, bwd = tp.time("all_reduce", size, t), tp.time("all_reduce", size, t), 0.0
-        return fwd * (2 if recompute else 1) + bwd + max(0.0, hidden - wgrad_s)
+        return fwd * (2 if recompute else 1) + bwd + (max(0.0, hidden - wgrad_s) if rates.overlap else hidden)
 
     compute = exposed = 0.0
     for layer, half in pieces:
@@ -151,18 +166,19 @@ def predict_time(
     pb, _, ab = PRECISIONS[precision]
     t, p, m, v = layout.tp, layout.pp, layout.num_microbatches, layout.virtual
     n = layout.micro_batch_size * seq_len
-    slow = device.slowdown(layout.world_size)
     # Mesh spans: tp innermost, then dp (ep inside it), then pp.
-    dp_link = _link(device, t * layout.dp, devices_per_node)
-    ep_link = _link(device, t * layout.ep, devices_per_node)
-    pp_link = _link(device, t * layout.dp * p, devices_per_node)
+    world = layout.world_size
+    dp_link = _link(device, t * layout.dp, devices_per_node, world, layout.dp)
+    ep_link = _link(device, t * layout.ep, devices_per_node, world, layout.ep)
+    pp_link = _link(device, t * layout.dp * p, devices_per_node, world, 2)
     rates = _Rates(
-        device.matmul_flops / slow,
-        device.peak_flops * device.attention_efficiency / slow,
-        device.memory_bandwidth * device.memory_efficiency / slow,
-        device.op_overhead * slow,
-        _link(device, t, devices_per_node),
+        device.matmul_flops,
+        device.peak_flops * device.attention_efficiency,
+        device.memory_bandwidth * device.memory_efficiency,
+        device.op_overhead,
+        _link(device, t, devices_per_node, world, t),
         ep_link,
+        device.comm_overlap,
     )
     recompute = layout.recompute == "full"
     shard = shard_of(layout)
@@ -181,6 +197,7 @@ def predict_time(
     # Data-parallel gradients (hidden behind the last micro-batch's backward but for the last bucket)
     # and the optimizer step, on the busiest rank.
     dp_exposed = optimizer = 0.0
+    per_rank_fixed: list[float] = []  # the optimizer step, per pipeline rank
     edp = layout.dp // layout.ep
     for r, mem in enumerate(memory):
         dense = (mem["elements"] - mem["expert_elements"]) * pb
@@ -197,12 +214,26 @@ def predict_time(
         if layout.dp > 1:
             window = rank_compute[r] * 2 / (4.0 if recompute else 3.0)
             last_bucket = comm * min(1.0, BUCKET_BYTES / (dense + expert))
-            dp_exposed = max(dp_exposed, max(last_bucket, comm - window) + gather)
-        optimizer = max(optimizer, ADAMW_BYTES_PER_ELEMENT * stepped / rates.memory)
+            hidden = max(last_bucket, comm - window) if rates.overlap else comm
+            dp_exposed = max(dp_exposed, hidden + gather)
+        adam = ADAMW_BYTES_PER_ELEMENT * stepped / (device.optimizer_bandwidth or rates.memory)
+        passes = 2 * v * m if p > 1 else 0  # forward and backward of each micro-batch and stage
+        per_rank_fixed.append(adam + device.step_overhead + passes * device.action_overhead)
+        optimizer = max(optimizer, adam)
     comm_exposed = exposed + dp_exposed
+    step = busy + max(per_rank_fixed) + bubble + comm_exposed
+    # More ranks than cores: the cores are shared. A rank idle in the bubble or a wait leaves its core to
+    # another, so the step is the longer of the critical path and all ranks' work spread over the cores.
+    slots = device.compute_slots
+    if slots is not None and layout.world_size > slots:
+        ranks_per_stage = layout.world_size // p
+        work = ranks_per_stage * sum(m * c + f for c, f in zip(rank_compute, per_rank_fixed, strict=True))
+        shared = work / slots + comm_exposed
+        if shared > step:
+            busy, optimizer, bubble, step = shared - comm_exposed, 0.0, 0.0, shared
     return {
-        "step_s": busy + optimizer + bubble + comm_exposed,
-        "compute_s": busy + optimizer,
+        "step_s": step,
+        "compute_s": step - bubble - comm_exposed,
         "optimizer_s": optimizer,
         "comm_exposed_s": comm_exposed,
         "dp_comm_exposed_s": dp_exposed,

@@ -124,6 +124,37 @@ def test_time_components_follow_the_layout():
     )
 
 
+def test_cpu_rules_no_overlap_shared_cores_and_framework_time():
+    """A CPU profile: gloo's collectives take the cores backward would hide them behind (no overlap);
+    more ranks than cores share them (the step is at least all ranks' work over the cores); the
+    framework's measured per-step and per-micro-batch times are added."""
+    from dataclasses import replace
+
+    from lightning_par.planner.devices import DeviceSpec, Link
+
+    link = Link(bandwidth=1e9, latency=1e-3)
+    cpu = DeviceSpec("cpu", 80e9, 16e9, 10e9, link, link, 1.0, 0.9, 1.0, compute_slots=2)
+    spec = ModelSpec(n_layer=4, n_embd=256, n_head=8, vocab_size=4096, block_size=128)
+
+    def predict(layout, dev):
+        mem = predict_memory(spec, layout, 128, "32-true")
+        return predict_time(spec, layout, 128, "32-true", dev, 2, mem)
+
+    dp2 = Layout(1, 1, 2, micro_batch_size=4)
+    overlapped, exposed = predict(dp2, cpu), predict(dp2, replace(cpu, comm_overlap=False))
+    grads = predict_memory(spec, dp2, 128, "32-true")[0]["grads"]
+    assert exposed["dp_comm_exposed_s"] == pytest.approx(link.time("all_reduce", grads, 2))
+    assert overlapped["dp_comm_exposed_s"] <= exposed["dp_comm_exposed_s"]
+    # pp4 on 2 cores: the bubble's idle ranks leave their cores to others, so the step is the four
+    # ranks' work over two cores (plus what is exposed), not each rank's critical path slowed twice.
+    pp4 = Layout(1, 4, 1, micro_batch_size=1, num_microbatches=8)
+    shared = predict(pp4, cpu)
+    alone = predict(pp4, replace(cpu, compute_slots=4))
+    assert alone["step_s"] < shared["step_s"] < 2 * alone["step_s"] and shared["bubble_s"] == 0
+    slow = predict(pp4, replace(cpu, compute_slots=4, step_overhead=0.01, action_overhead=0.001))
+    assert slow["step_s"] == pytest.approx(alone["step_s"] + 0.01 + 2 * 8 * 0.001)
+
+
 def test_choose_layout_gives_strategy_arguments():
     plan = choose_layout(ModelSpec.from_any(DENSE), 16, 8, "h100-80gb", global_batch_size=64, seq_len=128)
     kwargs = plan.strategy_kwargs()
@@ -243,6 +274,8 @@ def test_calibrate_and_the_timing_benchmark_smoke(tmp_path, capsys):
     assert f"wrote {profile}" in out and "step ms" in out
     dev = get_device(str(profile))
     assert dev.compute_slots and dev.peak_flops > 0 and set(dev.intra_node.per_op) >= {"all_reduce", "p2p"}
+    assert not dev.comm_overlap and dev.optimizer_bandwidth > 0 and dev.step_overhead >= 0
+    assert dev.action_overhead >= 0 and (dev.oversubscribed is not None) == (dev.compute_slots <= 4)
     bw, latency = dev.intra_node.per_op["all_reduce"]
     assert bw > 0 and 0 < latency < 1
     proc = subprocess.run(
