@@ -176,7 +176,7 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
     )
     trainer.fit(model_cls(**shape, warmup_steps=2), DataLoader(RandomTokens(), batch_size=batch))
     times, comm = timer.times[warmup:], timer.comm[warmup:]
-    return {"step_s": sum(times) / len(times), "comm_s": sum(comm) / len(comm)}
+    return {"step_s": sum(times) / len(times), "comm_s": sum(comm) / len(comm), "steps": times}
 
 
 def main() -> None:
@@ -210,7 +210,11 @@ def main() -> None:
                 f"blocked in collectives {r['comm_s'] * 1000:7.1f} ms",
                 flush=True,
             )
-    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    for name, rs in runs.items():
+        print(f"{name:13s} steps (ms): {' | '.join(' '.join(f'{t * 1e3:.0f}' for t in r['steps']) for r in rs)}")
+    results = {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "steps"} for name, rs in runs.items()
+    }
     print(f"\nmedians over {args.repeat} round(s):")
     for name, r in results.items():
         print(f"{name:13s} step {r['step_s'] * 1000:8.1f} ms  tokens/s {tokens / r['step_s']:9.1f}")
