@@ -211,9 +211,12 @@ def main() -> None:
                 flush=True,
             )
     for name, rs in runs.items():
-        print(f"{name:13s} steps (ms): {' | '.join(' '.join(f'{t * 1e3:.0f}' for t in r['steps']) for r in rs)}")
+        print(
+            f"{name:13s} steps (ms): {' | '.join(' '.join(f'{t * 1e3:.0f}' for t in r['steps']) for r in rs)}"
+        )
     results = {
-        name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "steps"} for name, rs in runs.items()
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "steps"}
+        for name, rs in runs.items()
     }
     print(f"\nmedians over {args.repeat} round(s):")
     for name, r in results.items():
