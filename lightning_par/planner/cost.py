@@ -17,6 +17,13 @@ micro-batch (b sequences of s tokens, N = b s, hidden h, heads a, tp t, ffn F = 
   (2 N k F / t), the combined outputs before and after weighting (2 N k h) and the weights (N k), four
   int64 index vectors (4 N k); with ep > 1 also the experts' output before the exchange back (N k h) and
   the regrouping index (N k int64);
+* Llama (RMSNorm, no biases, kv rows ``w`` a rank multiplies: ``2 n_kv d / t``, or ``2 d`` when kv heads
+  are replicated; SwiGLU ``F`` the padded width): each norm keeps its fp32 input, the normalized input and
+  the fp32 rsqrt per row (sharded by t under sequence parallel); attention the column input (N h), q and k
+  after rotation and the kv output (N h / t + 1.5 N w; v is a view of it), the SDPA output, the output
+  projection's input and the log-sum-exp; the MLP the column input, gate, silu(gate), up and their product
+  (4 N F / t; a MoE expert the same per routed token). Parameters: q, proj and gate / up / proj split,
+  kv split or whole, norms whole, no position table;
 * the first stage's token ids (int64), the last stage's final norm and head input (2 N h) and the loss's
   fp32 log-softmax (N V) or, with tp, the vocabulary-parallel logits (N V / t);
 * full recomputation keeps each block's input (and a MoE block's two exchange outputs with ep > 1); in
@@ -75,19 +82,24 @@ class Layout:
 def _piece_params(spec: ModelSpec, layer: int, half: str, tp: int, ep: int) -> tuple[int, int, int]:
     """(local elements, local tensors, of them expert elements) of one half block on one rank."""
     h, b, t = spec.n_embd, int(spec.bias), tp
-    norm = h * (1 + b)
+    norm = spec.norm_params
     norm_tensors = 1 + b
-    if half == "attn":
-        return norm + (3 * h * h + 3 * h * b) // t + h * h // t + h * b, norm_tensors + 2 + 2 * b, 0
-    mlp = (4 * h * h + 4 * h * b) // t + 4 * h * h // t + h * b
+    if spec.llama:  # q, kv (split or replicated), proj; SwiGLU gate and up by rows, proj by columns
+        if half == "attn":
+            return norm + 2 * h * h // t + spec.kv_rows(t)[0] * h, norm_tensors + 3, 0
+        mlp, mlp_tensors = 3 * h * spec.ffn // t, 3
+    else:
+        if half == "attn":
+            return norm + (3 * h * h + 3 * h * b) // t + h * h // t + h * b, norm_tensors + 2 + 2 * b, 0
+        mlp, mlp_tensors = (4 * h * h + 4 * h * b) // t + 4 * h * h // t + h * b, 2 + 2 * b
     if layer in spec.moe_layers:
         experts = spec.num_experts // ep
         return (
             norm + spec.num_experts * h + experts * mlp,
-            norm_tensors + 1 + experts * (2 + 2 * b),
+            norm_tensors + 1 + experts * mlp_tensors,
             experts * mlp,
         )
-    return norm + mlp, norm_tensors + 2 + 2 * b, 0
+    return norm + mlp, norm_tensors + mlp_tensors, 0
 
 
 def stage_split(spec: ModelSpec, layout: Layout) -> tuple[tuple[tuple[int, str], ...], ...]:
@@ -102,8 +114,7 @@ def _stage_split(spec: ModelSpec, stages: int, tp: int) -> tuple[tuple[tuple[int
         return (tuple(pieces),)
     # plan_stages counts the unsharded meta network's parameters (vocabulary padded for tp).
     costs = [float(_piece_params(spec, i, half, 1, 1)[0]) for i, half in pieces]
-    norm = spec.n_embd * (1 + int(spec.bias))
-    last = float(norm + spec.padded_vocab(tp) * spec.n_embd)
+    last = float(spec.norm_params + spec.padded_vocab(tp) * spec.n_embd)
     if stages * len(pieces) ** 2 <= 200_000:
         split = split_layers(costs, stages, 0.0, last)
     else:
@@ -163,27 +174,41 @@ def attn_activations(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
     """Bytes an attention half saves for ``n`` tokens (see the module docstring)."""
     h, a, t = spec.n_embd, spec.n_head, layout.tp
     sp = layout.sequence_parallel
+    if spec.llama:  # q and k after rotation, the kv output (v is a view of it), the rows it multiplies
+        kv = spec.kv_rows(t)[1]
+        saved = n * h + n * h / t + 1.5 * n * kv + 2 * n * h / t
+        return _rms_norm(spec, n, layout, ab) + ab * saved + 4 * n * a / t
     ln_in = n * h / t if sp else n * h
     stats = 2 * n / t if sp else 2 * n
     return ab * (ln_in + n * h + 4 * n * h / t) + 4 * (stats + n * a / t)
 
 
+def _rms_norm(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
+    """Bytes Llama's RMSNorm saves: its input in fp32, the normalized input and the fp32 rsqrt per row."""
+    rows = n / layout.tp if layout.sequence_parallel else n
+    return (4 + ab) * rows * spec.n_embd + 4 * rows
+
+
 def mlp_activations(spec: ModelSpec, layer: int, n: int, layout: Shard, ab: int) -> float:
     """Bytes a dense or MoE MLP half saves for ``n`` tokens (see the module docstring)."""
     h, t = spec.n_embd, layout.tp
-    f = 4 * h
+    f = spec.ffn
+    hidden = 4 if spec.llama else 2  # SwiGLU: gate, silu(gate), up, their product; GELU: input, output
     sp = layout.sequence_parallel
     ln_in = n * h / t if sp else n * h
     stats = 2 * n / t if sp else 2 * n
+    norm = _rms_norm(spec, n, layout, ab) if spec.llama else ab * ln_in + 4 * stats
     if layer not in spec.moe_layers:
+        if spec.llama:
+            return norm + ab * (n * h + hidden * n * f / t)
         return ab * (ln_in + n * h + 2 * n * f / t) + 4 * stats
     e, k = spec.num_experts, spec.moe_top_k
     nk = n * k
     router = 4 * (2 * n * e + nk + 2 * n)
     exchanged = nk * h if layout.ep > 1 else 0  # the experts' output before the exchange back
-    tokens = ab * (n * h + nk * h + 2 * nk * f / t + 2 * nk * h + nk + exchanged)
+    tokens = ab * (n * h + nk * h + hidden * nk * f / t + 2 * nk * h + nk + exchanged)
     index = 8 * (4 * nk + (nk if layout.ep > 1 else 0))
-    return ab * ln_in + 4 * stats + router + tokens + index
+    return norm + router + tokens + index
 
 
 def _block_input(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
@@ -194,7 +219,10 @@ def head_activations(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
     """Bytes the final norm, head and loss save for ``n`` tokens."""
     h, t = spec.n_embd, layout.tp
     sp = layout.sequence_parallel
-    norm = (ab * n * h / t + 4 * 2 * n / t) if sp else (ab * n * h + 4 * 2 * n)
+    if spec.llama:
+        norm = _rms_norm(spec, n, layout, ab)
+    else:
+        norm = (ab * n * h / t + 4 * 2 * n / t) if sp else (ab * n * h + 4 * 2 * n)
     head_in = ab * n * h
     if t == 1:
         loss = 4 * n * spec.vocab_size + 8 * n + n
@@ -289,10 +317,10 @@ def predict_memory(spec: ModelSpec, layout: Layout, seq_len: int, precision: str
             refill, head = max(refill, fill), max(head, hd)
         has_first, has_last = 0 in mine, last in mine
         if has_first:
-            elements += vocab_local + spec.block_size * h
-            tensors += 2
+            elements += vocab_local + spec.position_params
+            tensors += 1 + int(spec.position_params > 0)
         if has_last:
-            elements += h * (1 + int(spec.bias))
+            elements += spec.norm_params
             tensors += 1 + int(spec.bias)
             if not (spec.tie_embeddings and has_first):
                 elements += vocab_local

@@ -108,7 +108,7 @@ def candidate_layouts(
     """Every layout the strategy accepts for this model and mesh; ``fixed`` pins Layout fields."""
     out = []
     for tp in _divisors(world_size):
-        if tp > devices_per_node or spec.n_head % tp:
+        if tp > devices_per_node or spec.tp_error(tp):
             continue
         for pp in _divisors(world_size // tp):
             if pp > spec.n_layer:

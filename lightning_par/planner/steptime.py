@@ -1,6 +1,7 @@
 """The cost model's step time of one layout, from the same quantities the code runs.
 
-Time: matmul FLOPs (forward, 2x backward, one more forward when recomputing) at the device's achievable
+Time: matmul FLOPs (attention projections ``4 h^2``, Llama ``2 h^2 + 2 h n_kv d`` with the kv rows a rank
+multiplies; MLP ``2 h F``, SwiGLU ``3 h F`` of the padded width; forward, 2x backward, one more forward when recomputing) at the device's achievable
 matmul rate, attention at its own rate, element-wise work as memory traffic (five passes over the saved
 bytes: written and read in forward, read and gradients in backward), AdamW's step as memory traffic (32 bytes
 per stepped element), the schedule's bubble ``(p - 1) / (v m)`` of the pipeline's busy time, and the
@@ -84,7 +85,13 @@ def _stage_time(
     rates: _Rates,
 ) -> tuple[float, float]:
     """(compute seconds, exposed tp and ep seconds) of one micro-batch through one stage."""
-    h, t, f = spec.n_embd, shard.tp, 4 * spec.n_embd
+    h, t, f = spec.n_embd, shard.tp, spec.ffn
+    # Per token and rank: the column linears (q/k/v; Llama: q, the kv rows it multiplies) and all of the
+    # attention projections; an MLP's column linears (GELU fc; SwiGLU gate and up) and all of it.
+    kv = spec.kv_rows(t)[1] * h if spec.llama else 2 * h * h / t
+    attn_col, attn_all = h * h / t + kv, 2 * h * h / t + kv
+    mlp_col = (2 if spec.llama else 1) * h * f / t
+    mlp_all = mlp_col + h * f / t
     k, e = spec.moe_top_k, spec.num_experts
     tp, ep = rates.tp_link, rates.ep_link
     passes = 4.0 if recompute else 3.0  # forward, backward (2x), forward again
@@ -106,20 +113,20 @@ def _stage_time(
     for layer, half in pieces:
         if half == "attn":
             act = attn_activations(spec, n, shard, ab)
-            compute += passes * (2 * n * 4 * h * h / t) / rates.matmul
+            compute += passes * (2 * n * attn_all) / rates.matmul
             compute += passes * (4 * n * seq_len * h / t) / rates.attention
-            exposed += tp_comm(n, (2 * n * 3 * h * h / t) / rates.matmul)
+            exposed += tp_comm(n, (2 * n * attn_col) / rates.matmul)
         elif layer in spec.moe_layers:
             act = mlp_activations(spec, layer, n, shard, ab)
-            compute += passes * (2 * n * h * e + 2 * n * k * 2 * h * f / t) / rates.matmul
-            exposed += tp_comm(n * k, (2 * n * k * h * f / t) / rates.matmul)
+            compute += passes * (2 * n * h * e + 2 * n * k * mlp_all) / rates.matmul
+            exposed += tp_comm(n * k, (2 * n * k * mlp_col) / rates.matmul)
             if shard.ep > 1:  # tokens there and back, forward and backward, and the counts
                 exposed += 4 * ep.time("all_to_all", ab * n * k * h, shard.ep)
                 exposed += 2 * ep.time("all_to_all", 8 * e, shard.ep)
         else:
             act = mlp_activations(spec, layer, n, shard, ab)
-            compute += passes * (2 * n * 2 * h * f / t) / rates.matmul
-            exposed += tp_comm(n, (2 * n * h * f / t) / rates.matmul)
+            compute += passes * (2 * n * mlp_all) / rates.matmul
+            exposed += tp_comm(n, (2 * n * mlp_col) / rates.matmul)
         compute += (5 + (2 if recompute else 0)) * act / rates.memory
         ops = OPS["attn" if half == "attn" else "moe" if layer in spec.moe_layers else "mlp"]
         compute += ops * (4 if recompute else 3) / 3 * rates.op

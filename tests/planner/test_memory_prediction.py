@@ -1,8 +1,9 @@
-"""The planner's memory prediction against MemoryReport, on 2 gloo processes (one spawn, 9 layouts).
+"""The planner's memory prediction against MemoryReport, on 2 gloo processes (one spawn, 11 layouts).
 
 Parameters, gradients and optimizer state must match within 1%, saved activations within 15%, on every
 rank: tp2 (with and without sequence parallel and recomputation), pp2 with 1F1B and GPipe, dp2 with and
-without the distributed optimizer and recomputation, and a MoE GPT at ep2.
+without the distributed optimizer and recomputation, a MoE GPT at ep2, and a Llama (one kv head,
+replicated on both tp ranks; an odd MLP width, padded) at tp2 and tp2 with sequence parallel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from tests.harness import run_distributed
 
 MODEL = dict(vocab_size=250, n_layer=2, n_head=4, n_embd=64, block_size=32, dropout=0.0)
 MOE = dict(num_experts=4, moe_top_k=2, moe_layer_freq=2)
+LLAMA = dict(vocab_size=250, n_layer=2, n_head=4, n_kv_head=1, n_embd=64, intermediate_size=91)
+LLAMA_MODEL = {**LLAMA, "max_position_embeddings": MODEL["block_size"]}
 BATCH = 4  # sequences per data-parallel replica and step
 # (name, strategy kwargs, model extras, the planner's Layout)
 CASES = [
@@ -63,6 +66,13 @@ CASES = [
         MOE,
         Layout(1, 1, 2, ep=2, micro_batch_size=BATCH, recompute="full"),
     ),
+    ("llama tp2", {"tensor_parallel_size": 2}, LLAMA_MODEL, Layout(2, 1, 1, micro_batch_size=BATCH)),
+    (
+        "llama tp2 sp",
+        {"tensor_parallel_size": 2, "sequence_parallel": True},
+        LLAMA_MODEL,
+        Layout(2, 1, 1, sequence_parallel=True, micro_batch_size=BATCH),
+    ),
 ]
 STATIC = ("params", "grads", "optimizer_moments", "optimizer")
 
@@ -70,7 +80,7 @@ STATIC = ("params", "grads", "optimizer_moments", "optimizer")
 def _measure(rank: int, world: int) -> dict[str, Any]:
     import lightning as L
     from lightning_par.callbacks import MemoryReport
-    from lightning_par.models import GPT
+    from lightning_par.models import GPT, Llama
     from torch.utils.data import DataLoader
 
     import lightning_par
@@ -89,7 +99,8 @@ def _measure(rank: int, world: int) -> dict[str, Any]:
             callbacks=[report],
         )
         data = FixedBatches(2 * BATCH * layout.dp, MODEL["block_size"], MODEL["vocab_size"])
-        trainer.fit(GPT(**MODEL, **extra, **OPTIM), train_dataloaders=DataLoader(data, batch_size=BATCH))
+        model = Llama(**extra, **OPTIM) if extra is LLAMA_MODEL else GPT(**MODEL, **extra, **OPTIM)
+        trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=BATCH))
         out[name] = report.report
     return out
 
@@ -102,7 +113,7 @@ def measured() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_memory_prediction_matches_the_report(measured, case):
     name, _, extra, layout = case
-    spec = ModelSpec.from_any({**MODEL, **extra})
+    spec = ModelSpec.from_any(extra if extra is LLAMA_MODEL else {**MODEL, **extra})
     predicted = predict_memory(spec, layout, MODEL["block_size"], "32-true")
     for rank, result in enumerate(measured):
         got = result[name]

@@ -13,13 +13,16 @@ import pytest
 import torch
 from lightning_par.models import GPT
 from lightning_par.models.gpt_network import GPTConfig, GPTNetwork
+from lightning_par.models.llama import Llama
+from lightning_par.models.llama_network import LlamaNetwork
 
 import lightning_par
 from lightning_par.cli import main
 from lightning_par.pipeline.split import plan_stages, split_layers
 from lightning_par.planner import Layout, ModelSpec, NoLayoutFits, choose_layout, plan_layouts, predict_time
-from lightning_par.planner.cost import _bisect_split, predict_memory, stage_split
+from lightning_par.planner.cost import _bisect_split, _piece_params, predict_memory, stage_split
 from lightning_par.planner.devices import get_device
+from lightning_par.planner.search import candidate_layouts
 
 ROOT = Path(__file__).resolve().parents[2]
 DENSE = dict(vocab_size=4096, n_layer=8, n_head=8, n_embd=256, block_size=128)
@@ -34,6 +37,71 @@ def test_counts_agree_with_the_model(cfg):
         net = GPTNetwork(GPTConfig(**cfg), GPTConfig(**cfg).padded_vocab_size(1))
     unique = {id(p): p.numel() for p in net.parameters()}
     assert spec.num_parameters() == sum(unique.values())
+
+
+LLAMA = dict(vocab_size=250, n_layer=3, n_head=8, n_kv_head=2, n_embd=64, intermediate_size=91)
+MIXTRAL = dict(LLAMA, n_layer=2, n_kv_head=4, num_experts=4, moe_top_k=2, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, MIXTRAL], ids=["llama", "mixtral"])
+def test_llama_counts_agree_with_the_model(cfg):
+    """FLOPs, parameters (padded MLP width and vocabulary) and every tp rank's parameters of a Llama."""
+    model = Llama(**cfg)
+    spec = ModelSpec.from_any(model)
+    assert spec == ModelSpec.from_any(cfg) and spec.llama and spec.ffn == 96
+    assert spec.flops_per_token(128) == model.flops_per_token(128)
+    with torch.device("meta"):
+        net = LlamaNetwork(model.config, model.config.padded_vocab_size(1))
+    assert spec.num_parameters() == sum({id(p): p.numel() for p in net.parameters()}.values())
+    for tp in (1, 2, 4, 8):  # kv heads split (tp divides them) or replicated (they divide tp)
+        local = sum(
+            _piece_params(spec, i, half, tp, 1)[0] for i in range(spec.n_layer) for half in ("attn", "mlp")
+        )
+        rows = spec.kv_rows(tp)[0]
+        q, mlp = cfg["n_embd"] ** 2 // tp, 3 * 64 * 96 // tp
+        norms = 2 * 64 * spec.n_layer
+        experts = 4 * (64 + mlp) if spec.num_experts else mlp
+        assert local == norms + spec.n_layer * (2 * q + rows * 64 + experts)
+        assert rows == (2 * 8 * spec.kv_heads // tp if spec.kv_heads % tp == 0 else 2 * 8 * spec.kv_heads)
+
+
+def test_llama_from_configs_and_hf(tmp_path):
+    spec = ModelSpec.from_file(ROOT / "configs" / "llama_tp_pp.yaml")
+    assert (spec.family, spec.n_kv_head, spec.intermediate_size, spec.tie_embeddings) == (
+        "llama",
+        2,
+        688,
+        False,
+    )
+    assert spec.block_size == 128 and spec.position_params == 0 and not spec.bias
+    mixtral = ModelSpec.from_file(ROOT / "configs" / "mixtral_ep.yaml")
+    assert (mixtral.num_experts, mixtral.moe_layers) == (8, [0, 1, 2, 3])
+    hf = dict(
+        model_type="mixtral",
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    spec = ModelSpec.from_file(tmp_path)
+    assert spec.num_parameters() == 46_702_792_704  # Mixtral 8x7B
+    assert not spec.tie_embeddings and len(spec.moe_layers) == 32
+    assert ModelSpec.from_dict({**hf, "model_type": "mistral", "num_local_experts": None}).num_experts == 0
+    with pytest.raises(ValueError, match=r"n_kv_head=3 is not valid: it must divide n_head=32"):
+        ModelSpec.from_dict({**hf, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match=r"intermediate_size=100 is not valid for family='gpt'"):
+        ModelSpec(2, 64, 4, 100, intermediate_size=100)
+    odd = ModelSpec.from_any(dict(LLAMA, n_head=12, n_kv_head=4, n_embd=96))
+    assert "n_kv_head=4 and tensor_parallel_size=6" in str(odd.tp_error(6)) and odd.tp_error(4) is None
+    small = ModelSpec.from_any(dict(LLAMA, n_kv_head=1))
+    layouts = {lay.tp for lay in candidate_layouts(small, 8, 8, 8)}
+    assert layouts == {1, 2, 4, 8}  # one kv head replicated on every rank; 96 splits over 8
 
 
 @pytest.mark.parametrize(
