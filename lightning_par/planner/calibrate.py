@@ -115,6 +115,11 @@ def _op(name: str, nbytes: int, rank: int, size: int, group: Any = None) -> Any:
     return p2p
 
 
+_CALLS = 16
+"""Collectives per timed block: the block's mean is what a step pays (with more processes than cores a
+call's wait for a descheduled rank is long-tailed: few calls per block made latencies vary 8x)."""
+
+
 def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str, tuple[float, float]]:
     """Every collective over groups of ``size`` ranks (0: the world), all groups at once."""
     import torch.distributed as dist
@@ -132,11 +137,11 @@ def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str,
             fn = _op(name, nbytes, rank, size, group)
 
             def synced(fn: Any = fn) -> None:
-                dist.barrier()  # (every rank starts together; four calls make the barrier's share small)
-                for _ in range(4):
+                dist.barrier()  # (every rank starts together; 16 calls make the barrier's share small)
+                for _ in range(_CALLS):
                     fn()
 
-            times[nbytes] = max((_timed(synced, repeat) - barrier) / 4, 1e-7)
+            times[nbytes] = max((_timed(synced, repeat) - barrier) / _CALLS, 1e-7)
         factor = {"all_reduce": 2 * (size - 1) / size, "p2p": 1.0}.get(name, (size - 1) / size)
         bandwidth = factor * (LARGE - SMALL) / max(times[LARGE] - times[SMALL], 1e-9)
         out[name] = (bandwidth, times[SMALL])
