@@ -110,12 +110,6 @@ class DeviceSpec:
     def usable_memory(self) -> float:
         return self.memory_bytes * self.usable_memory_fraction
 
-    def slowdown(self, ranks: int) -> float:
-        """Compute time factor when ``ranks`` processes share ``compute_slots`` cores."""
-        if self.compute_slots is None:
-            return 1.0
-        return max(1.0, ranks / self.compute_slots)
-
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("intra_node", "inter_node", "oversubscribed", "oversubscribed_pairs"):

@@ -204,7 +204,9 @@ def predict_time(
     # Data-parallel gradients (hidden behind the last micro-batch's backward but for the last bucket)
     # and the optimizer step, on the busiest rank.
     dp_exposed = optimizer = 0.0
-    per_rank_fixed: list[float] = []  # the optimizer step, per pipeline rank
+    # Per pipeline rank: the optimizer step, the framework's step and pipeline-pass times.
+    per_rank_fixed: list[float] = []
+    passes = 2 * v * m if p > 1 else 0  # forward and backward of each micro-batch and stage
     edp = layout.dp // layout.ep
     for r, mem in enumerate(memory):
         dense = (mem["elements"] - mem["expert_elements"]) * pb
@@ -224,7 +226,6 @@ def predict_time(
             hidden = max(last_bucket, comm - window) if rates.overlap else comm
             dp_exposed = max(dp_exposed, hidden + gather)
         adam = ADAMW_BYTES_PER_ELEMENT * stepped / (device.optimizer_bandwidth or rates.memory)
-        passes = 2 * v * m if p > 1 else 0  # forward and backward of each micro-batch and stage
         per_rank_fixed.append(adam + device.step_overhead + passes * device.action_overhead)
         optimizer = max(optimizer, adam)
     comm_exposed = exposed + dp_exposed
