@@ -55,22 +55,25 @@ def _layout(fields: dict, batch: int):
     return Layout(**{**fields, "micro_batch_size": micro, "num_microbatches": per_replica // micro})
 
 
-def _run_all(
-    rank: int,
-    world: int,
-    layouts: list[dict],
-    shape: dict,
-    batch: int,
-    warmup: int,
-    steps: int,
-    rounds: int,
-) -> list[list[float]]:
-    """Each layout's median step time per round, the layouts alternating round by round (A B C A B C:
-    this machine's speed drifts from minute to minute), all in this spawn (process start costs seconds)."""
-    times: list[list[float]] = [[] for _ in layouts]
-    for _ in range(rounds):
-        for i, fields in enumerate(layouts):
-            times[i].append(_run(rank, world, fields, shape, batch, warmup, steps))
+def _run_round(
+    world: int, layouts: list[dict], shape: dict, batch: int, warmup: int, steps: int
+) -> list[float]:
+    """One round: each layout's step time (the slowest rank's median), each in fresh processes.
+
+    A fresh group per run is what a user's run gets. Runs one after another in the same processes do
+    not: every Trainer leaves its gloo groups behind (torch's DeviceMesh caches them), each with a
+    loop thread that wakes every few milliseconds, and on 2 cores that cost grew round after round
+    (4-process steps 1.5-2x slower by the fifth round). The harness forks from a preloaded server, so
+    a fresh group costs well under a second.
+    """
+    from tests.harness import run_distributed
+
+    times = []
+    for fields in layouts:
+        per_rank = run_distributed(
+            _run, world, fields, shape, batch, warmup, steps, init_process_group=False, timeout=900
+        )
+        times.append(max(per_rank))
     return times
 
 
@@ -147,7 +150,6 @@ def main() -> None:
     parser.add_argument("--layouts", default=None, help="comma-separated names (default: all)")
     args = parser.parse_args()
     from lightning_par.planner import ModelSpec, calibrate, evaluate, get_device, plan_layouts
-    from tests.harness import run_distributed
 
     shape = SMOKE if args.smoke else SHAPE
     steps, warmup = (1, 1) if args.smoke else (args.steps, args.warmup)
@@ -164,28 +166,19 @@ def main() -> None:
     rows = []
     for world in sorted({LAYOUTS[name][0] for name in names}):
         group = [name for name in names if LAYOUTS[name][0] == world]
-        measured = run_distributed(
-            _run_all,
-            world,
-            [LAYOUTS[name][1] for name in group],
-            shape,
-            BATCH,
-            warmup,
-            steps,
-            1 if args.smoke else args.rounds,
-            init_process_group=False,
-            timeout=3000,
-        )
+        rounds = 1 if args.smoke else args.rounds
+        fields = [LAYOUTS[name][1] for name in group]
+        # Alternating round by round (A B C A B C): this machine's speed drifts from minute to minute.
+        per_round = [_run_round(world, fields, shape, BATCH, warmup, steps) for _ in range(rounds)]
         for i, name in enumerate(group):
             layout = _layout(LAYOUTS[name][1], BATCH)
             plan = evaluate(spec, layout, device, world, BATCH, shape["block_size"], "32-true")
-            # The slowest rank's step, per round; the median over rounds.
-            per_round = [max(m[i][r] for m in measured) for r in range(len(measured[0][i]))]
-            predicted, slowest_rank = plan.prediction["step_s"], statistics.median(per_round)
+            times = [r[i] for r in per_round]  # the slowest rank's step, per round
+            predicted, slowest_rank = plan.prediction["step_s"], statistics.median(times)
             rows.append((name, world, predicted, slowest_rank))
             print(
                 f"{name:12s} {world} proc  predicted {predicted * 1e3:8.1f} ms  measured {slowest_rank * 1e3:8.1f} ms"
-                f"  (rounds: {', '.join(f'{x * 1e3:.0f}' for x in per_round)}; predicted compute "
+                f"  (rounds: {', '.join(f'{x * 1e3:.0f}' for x in times)}; predicted compute "
                 f"{plan.prediction['compute_s'] * 1e3:.0f}, exposed comm {plan.prediction['comm_exposed_s'] * 1e3:.0f}, "
                 f"bubble {plan.prediction['bubble_s'] * 1e3:.0f} ms)"
             )

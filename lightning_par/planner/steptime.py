@@ -4,7 +4,8 @@ Time: matmul FLOPs (attention projections ``4 h^2``, Llama ``2 h^2 + 2 h n_kv d`
 multiplies; MLP ``2 h F``, SwiGLU ``3 h F`` of the padded width; forward, 2x backward, one more forward when recomputing) at the device's achievable
 matmul rate, attention at its own rate, element-wise work as memory traffic (five passes over the saved
 bytes: written and read in forward, read and gradients in backward), AdamW's step as memory traffic (32 bytes
-per stepped element), the schedule's bubble ``(p - 1) / (v m)`` of the pipeline's busy time, and the
+per stepped element), the schedule's bubble (``(p - 1) / (v m)`` of the pipeline's busy time with equal
+stages; with unequal ones the other ranks' one pass each, over ``v``), and the
 collectives each layout issues with their sizes: tp all-reduces (sequence parallel: reduce-scatter /
 all-gather) per block half in forward and backward (again in a full recompute), of which the backward
 input-gradient reduction hides behind the weight-gradient matmul; ep all-to-alls there and back in
@@ -196,7 +197,10 @@ def predict_time(
         rank_compute.append(sum(c for c, _ in times))
         rank_exposed.append(sum(x for _, x in times))
     busy = m * max(rank_compute)
-    bubble = (p - 1) / (v * m) * busy if p > 1 else 0.0
+    # The busiest rank works m micro-batches; the bubble is the other ranks' one pass each before and after
+    # it (a flow shop's makespan), split v ways when interleaved: (p - 1) / (v m) of the busy time when
+    # the stages are equal, less when the head or embedding make one stage the slowest.
+    bubble = (sum(rank_compute) - max(rank_compute)) / v if p > 1 else 0.0
     exposed = m * max(rank_exposed)
     if p > 1:  # activations forward and gradients back, per micro-batch and stage, on the critical path
         act_bytes = ab * n * spec.n_embd / (t if shard.sequence_parallel else 1)
