@@ -18,7 +18,7 @@ micro-batch (b sequences of s tokens, N = b s, hidden h, heads a, tp t, ffn F = 
   int64 index vectors (4 N k); with ep > 1 also the experts' output before the exchange back (N k h) and
   the regrouping index (N k int64);
 * Llama (RMSNorm, no biases, kv rows ``w`` a rank multiplies: ``2 n_kv d / t``, or ``2 d`` when kv heads
-  are replicated; SwiGLU ``F`` the padded width): each norm keeps its fp32 input, the normalized input and
+  are replicated; SwiGLU ``F`` the padded width): each norm keeps its normalized input in fp32 and
   the fp32 rsqrt per row (sharded by t under sequence parallel); attention the column input (N h), q and k
   after rotation and the kv output (N h / t + 1.5 N w; v is a view of it), the SDPA output, the output
   projection's input and the log-sum-exp; the MLP the column input, gate, silu(gate), up and their product
@@ -177,16 +177,16 @@ def attn_activations(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
     if spec.llama:  # q and k after rotation, the kv output (v is a view of it), the rows it multiplies
         kv = spec.kv_rows(t)[1]
         saved = n * h + n * h / t + 1.5 * n * kv + 2 * n * h / t
-        return _rms_norm(spec, n, layout, ab) + ab * saved + 4 * n * a / t
+        return _rms_norm(spec, n, layout) + ab * saved + 4 * n * a / t
     ln_in = n * h / t if sp else n * h
     stats = 2 * n / t if sp else 2 * n
     return ab * (ln_in + n * h + 4 * n * h / t) + 4 * (stats + n * a / t)
 
 
-def _rms_norm(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
-    """Bytes Llama's RMSNorm saves: its input in fp32, the normalized input and the fp32 rsqrt per row."""
+def _rms_norm(spec: ModelSpec, n: int, layout: Shard) -> float:
+    """Bytes Llama's RMSNorm saves: the normalized input in fp32 and the fp32 rsqrt per row."""
     rows = n / layout.tp if layout.sequence_parallel else n
-    return (4 + ab) * rows * spec.n_embd + 4 * rows
+    return 4 * rows * spec.n_embd + 4 * rows
 
 
 def mlp_activations(spec: ModelSpec, layer: int, n: int, layout: Shard, ab: int) -> float:
@@ -197,7 +197,7 @@ def mlp_activations(spec: ModelSpec, layer: int, n: int, layout: Shard, ab: int)
     sp = layout.sequence_parallel
     ln_in = n * h / t if sp else n * h
     stats = 2 * n / t if sp else 2 * n
-    norm = _rms_norm(spec, n, layout, ab) if spec.llama else ab * ln_in + 4 * stats
+    norm = _rms_norm(spec, n, layout) if spec.llama else ab * ln_in + 4 * stats
     if layer not in spec.moe_layers:
         if spec.llama:
             return norm + ab * (n * h + hidden * n * f / t)
@@ -220,7 +220,7 @@ def head_activations(spec: ModelSpec, n: int, layout: Shard, ab: int) -> float:
     h, t = spec.n_embd, layout.tp
     sp = layout.sequence_parallel
     if spec.llama:
-        norm = _rms_norm(spec, n, layout, ab)
+        norm = _rms_norm(spec, n, layout)
     else:
         norm = (ab * n * h / t + 4 * 2 * n / t) if sp else (ab * n * h + 4 * 2 * n)
     head_in = ab * n * h

@@ -369,6 +369,32 @@ def test_llama_and_mistral_match_hf_in_one_process(tmp_path: Any) -> None:
     _compare(ours, hf, _ids(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_backward_matches_hf_autograd(dtype: torch.dtype) -> None:
+    """Our RMSNorm's hand-written backward against autograd through HF's ``LlamaRMSNorm``."""
+    from lightning_par.models.llama_layers import RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(SEED)
+    ours, hf = RMSNorm(48, 1e-5), LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        hf.weight.copy_(ours.weight)
+    x = (3 * torch.randn(7, 5, 48)).to(dtype)
+    grad = torch.randn(7, 5, 48)
+    results = []
+    for norm in (ours, hf):
+        xi = x.clone().requires_grad_(True)
+        y = norm(xi)
+        y.backward(grad)
+        results.append((y, xi.grad, norm.weight.grad))
+    (y, gx, gw), (y_hf, gx_hf, gw_hf) = results
+    assert torch.equal(y, y_hf)  # the forward is HF's arithmetic, op for op
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # bf16 rounds the input grad once
+    torch.testing.assert_close(gx, gx_hf, **tol)
+    torch.testing.assert_close(gw, gw_hf, **TOL)
+
+
 def test_mixtral_matches_hf_in_one_process_with_its_routing_and_aux_loss(tmp_path: Any) -> None:
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
