@@ -12,6 +12,9 @@ Every variant trains the same GPT through ``lightning.Trainer`` (AdamW, no clipp
 * ``tp2_chunk2``: the same with ``tp_comm_chunks=2`` (the batch split in two inside the blocks, so one
   half's forward all-reduce runs while the other half computes), to show what that overlap buys here;
 * ``tp2_sp``: the same with sequence parallel;
+* ``<variant>_pinned`` (e.g. ``tp2_pinned``): the variant with each rank pinned to its own core
+  (``os.sched_setaffinity``, what ``torch.backends.xeon.run_cpu`` does for CPU processes), so gloo's
+  threads share their own rank's core rather than stealing the other's;
 * ``tp2_nonfinite_off``: ``tp2`` without the per-step NaN/Inf check (``nonfinite="off"``): what it costs;
 * ``lightning_mp``: Lightning's own ``ModelParallelStrategy`` with torch's DTensor ``ColwiseParallel`` /
   ``RowwiseParallel`` on the attention and MLP linears (embedding and head replicated).
@@ -66,6 +69,11 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
     from tests.parity import quiet_trainer
 
     torch.set_num_threads(1)
+    if name.endswith("_pinned"):  # each rank on its own core, as torch.backends.xeon.run_cpu launches
+        import os
+
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
+        name = name.removesuffix("_pinned")
     seq = shape.get("block_size") or shape["max_position_embeddings"]
 
     class RandomTokens(torch.utils.data.Dataset):

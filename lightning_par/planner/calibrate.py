@@ -2,7 +2,7 @@
 the actual backend) and save it as a device profile the planner reads like a preset.
 
 Every figure is in seconds as the code will see it: one thread per process as the tests and benchmarks
-run, the process-group backend the strategy would choose (gloo on CPU, NCCL on CUDA), collectives timed
+run, measured with as many processes at once as a run keeps busy, the process-group backend the strategy would choose (gloo on CPU, NCCL on CUDA), collectives timed
 at a small and a large size to separate latency from bandwidth.
 """
 
@@ -130,9 +130,8 @@ def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str,
         groups = [dist.new_group(list(range(g, g + size))) for g in range(0, world, size)]
         group = groups[rank // size]
     barrier = _timed(dist.barrier, repeat)
-    out = {}
+    blocks = {}
     for name in COLLECTIVES:
-        times = {}
         for nbytes in (SMALL, LARGE):
             fn = _op(name, nbytes, rank, size, group)
 
@@ -141,7 +140,21 @@ def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str,
                 for _ in range(_CALLS):
                     fn()
 
-            times[nbytes] = max((_timed(synced, repeat) - barrier) / _CALLS, 1e-7)
+            synced()  # (warm-up: gloo sets up each size's algorithm on first use)
+            blocks[name, nbytes] = (synced, [])
+    # Every op and size once per pass, the passes one after another: a slow spell of the machine (a
+    # few seconds) then spoils one sample of each rather than every sample of one op.
+    for _ in range(repeat):
+        for synced, samples in blocks.values():
+            t0 = time.perf_counter()
+            synced()
+            samples.append(time.perf_counter() - t0)
+    out = {}
+    for name in COLLECTIVES:
+        times = {
+            nbytes: max((statistics.median(blocks[name, nbytes][1]) - barrier) / _CALLS, 1e-7)
+            for nbytes in (SMALL, LARGE)
+        }
         factor = {"all_reduce": 2 * (size - 1) / size, "p2p": 1.0}.get(name, (size - 1) / size)
         bandwidth = factor * (LARGE - SMALL) / max(times[LARGE] - times[SMALL], 1e-9)
         out[name] = (bandwidth, times[SMALL])
@@ -193,6 +206,26 @@ def _in_processes(world: int, fn: Any, *args: Any, init: bool = True) -> Any:
     for p in procs:
         p.join(timeout=60)
     return result
+
+
+def _loaded_compute(rank: int, world: int, repeat: int) -> dict[str, float]:
+    """:func:`measure_compute` on every rank at once; the median over ranks of each figure."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    mine = measure_compute(repeat)
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    return {key: statistics.median(r[key] for r in every) for key in mine}
+
+
+def measure_loaded_compute(processes: int, repeat: int = 5) -> dict[str, float]:
+    """One thread's throughputs while ``processes`` processes measure them side by side: a training run
+    keeps every core busy, and cores that share caches and memory are slower so than alone (on this
+    2-core machine two concurrent matmul loops each ran 0.83-1.0x one alone in most rounds)."""
+    if processes <= 1:
+        return measure_compute(repeat)
+    return _in_processes(processes, _loaded_compute, repeat)
 
 
 def measure_collectives(world: int = 2, repeat: int = 5, size: int = 0) -> dict[str, tuple[float, float]]:
@@ -300,8 +333,8 @@ def calibrate(
     path: str | Path | None = None, world: int = 2, repeat: int = 5, name: str = "calibrated-cpu"
 ) -> DeviceSpec:
     """Measure this machine and return (and, given ``path``, save) its device profile."""
-    compute = measure_compute(repeat)
     slots = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    compute = measure_loaded_compute(min(world, slots), repeat)
 
     def link_of(ranks: int, size: int = 0) -> Link:
         per_op = measure_collectives(ranks, repeat, size)
