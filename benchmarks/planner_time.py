@@ -61,8 +61,8 @@ def _run_round(
     """One round: each layout's step time (the slowest rank's median), each in fresh processes.
 
     A fresh group per run is what a user's run gets. Runs one after another in the same processes do
-    not: every Trainer leaves its gloo groups behind (torch's DeviceMesh caches them), each with a
-    loop thread that wakes every few milliseconds, and on 2 cores that cost grew round after round
+    not: every Trainer leaves its gloo groups behind (torch's DeviceMesh caches them), whose threads
+    keep using CPU when idle (10 of them 1-2% of a core), and on 2 cores that cost grew round after round
     (4-process steps 1.5-2x slower by the fifth round). The harness forks from a preloaded server, so
     a fresh group costs well under a second.
     """

@@ -2,8 +2,9 @@
 the actual backend) and save it as a device profile the planner reads like a preset.
 
 Every figure is in seconds as the code will see it: one thread per process as the tests and benchmarks
-run, measured with as many processes at once as a run keeps busy, the process-group backend the strategy would choose (gloo on CPU, NCCL on CUDA), collectives timed
-at a small and a large size to separate latency from bandwidth.
+run, compute measured with as many processes at once as a run keeps busy, the process-group backend the
+strategy would choose (gloo on CPU, NCCL on CUDA), collectives timed at a small and a large size to
+separate latency from bandwidth.
 """
 
 from __future__ import annotations
