@@ -1,6 +1,6 @@
 """The planner's step-time predictions against measured steps, on 2 and 4 gloo processes.
 
-    python benchmarks/planner_time.py                      # calibrates, then 14 layouts of one GPT
+    python benchmarks/planner_time.py                      # 14 layouts of one GPT, a calibration per round
     python benchmarks/planner_time.py --profile cpu.json   # reuse a profile from `lightning-par plan --calibrate`
     python benchmarks/planner_time.py --smoke              # tiny shape, 2 layouts, 1 timed step
 
@@ -148,32 +148,56 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are quoted)")
     parser.add_argument("--layouts", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--calibrate-repeat", type=int, default=2, help="samples per op in each calibration")
     args = parser.parse_args()
-    from lightning_par.planner import ModelSpec, calibrate, evaluate, get_device, plan_layouts
+    from lightning_par.planner import ModelSpec, calibrate, evaluate, get_device, merge_profiles, plan_layouts
 
     shape = SMOKE if args.smoke else SHAPE
     steps, warmup = (1, 1) if args.smoke else (args.steps, args.warmup)
     names = (
         list(SMOKE_LAYOUTS) if args.smoke else (args.layouts.split(",") if args.layouts else list(LAYOUTS))
     )
+    rounds = 1 if args.smoke else args.rounds
+    worlds = sorted({LAYOUTS[name][0] for name in names})
+    groups = {world: [name for name in names if LAYOUTS[name][0] == world] for world in worlds}
+    # Alternating round by round (A B C A B C, both process counts in each round): this machine's speed
+    # drifts from minute to minute. Without --profile each round starts with a calibration of its own
+    # and the predictions use their median, so the profile describes the same minutes as the runs.
+    profiles, per_round = [], {world: [] for world in worlds}
+    for r in range(rounds):
+        if not args.profile:
+            profiles.append(calibrate(None, world=2, repeat=1 if args.smoke else args.calibrate_repeat))
+            p = profiles[-1]
+            print(
+                f"round {r} calibration: matmul {p.peak_flops / 1e9:.1f} GFLOP/s, AdamW "
+                f"{p.optimizer_bandwidth / 1e9:.1f} GB/s, all-reduce {p.intra_node.bandwidth / 1e9:.2f} GB/s "
+                f"+ {p.intra_node.latency * 1e3:.2f} ms, step overhead {p.step_overhead * 1e3:.1f} ms",
+                flush=True,
+            )
+        for world in worlds:
+            fields = [LAYOUTS[name][1] for name in groups[world]]
+            per_round[world].append(_run_round(world, fields, shape, BATCH, warmup, steps))
+            print(
+                f"round {r}, {world} processes: "
+                + ", ".join(
+                    f"{n} {t * 1e3:.0f}" for n, t in zip(groups[world], per_round[world][-1], strict=True)
+                ),
+                flush=True,
+            )
     if args.profile:
         device = get_device(args.profile)
     else:
+        device = merge_profiles(profiles)
         path = Path(tempfile.mkdtemp()) / "cpu.json"
-        device = calibrate(path, world=2, repeat=1 if args.smoke else 5)
-        print(f"calibrated: {path}")
+        device.save(path)
+        print(f"calibrated {rounds} times, median profile: {path}")
     spec = ModelSpec.from_any(shape)
     rows = []
-    for world in sorted({LAYOUTS[name][0] for name in names}):
-        group = [name for name in names if LAYOUTS[name][0] == world]
-        rounds = 1 if args.smoke else args.rounds
-        fields = [LAYOUTS[name][1] for name in group]
-        # Alternating round by round (A B C A B C): this machine's speed drifts from minute to minute.
-        per_round = [_run_round(world, fields, shape, BATCH, warmup, steps) for _ in range(rounds)]
-        for i, name in enumerate(group):
+    for world in worlds:
+        for i, name in enumerate(groups[world]):
             layout = _layout(LAYOUTS[name][1], BATCH)
             plan = evaluate(spec, layout, device, world, BATCH, shape["block_size"], "32-true")
-            times = [r[i] for r in per_round]  # the slowest rank's step, per round
+            times = [r[i] for r in per_round[world]]  # the slowest rank's step, per round
             predicted, slowest_rank = plan.prediction["step_s"], statistics.median(times)
             rows.append((name, world, predicted, slowest_rank))
             print(

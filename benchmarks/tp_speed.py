@@ -15,6 +15,9 @@ Every variant trains the same GPT through ``lightning.Trainer`` (AdamW, no clipp
 * ``<variant>_pinned`` (e.g. ``tp2_pinned``): the variant with each rank pinned to its own core
   (``os.sched_setaffinity``, what ``torch.backends.xeon.run_cpu`` does for CPU processes), so gloo's
   threads share their own rank's core rather than stealing the other's;
+* ``<variant>_nocomm`` (e.g. ``tp2_nocomm``): the same step with tensor parallel's collectives replaced
+  by no-ops of the right shapes (the numbers are wrong; the work per rank is the same): the ceiling tp2
+  can reach on this machine, two ranks computing side by side with nothing to wait for;
 * ``tp2_nonfinite_off``: ``tp2`` without the per-step NaN/Inf check (``nonfinite="off"``): what it costs;
 * ``lightning_mp``: Lightning's own ``ModelParallelStrategy`` with torch's DTensor ``ColwiseParallel`` /
   ``RowwiseParallel`` on the attention and MLP linears (embedding and head replicated).
@@ -120,6 +123,24 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
 
         return call
 
+    if name.endswith("_nocomm"):  # the same work without tensor parallel's communication: what tp2 could reach at most
+        name = name.removesuffix("_nocomm")
+
+        class Done:
+            def wait(self) -> None:
+                pass
+
+        def no_all_reduce(tensor, group, async_op=False):
+            return Done() if async_op else None
+
+        def no_all_gather(tensor, group, async_op=False):  # the right shape (every rank's part = ours)
+            return torch.cat([tensor] * world), (Done() if async_op else None)
+
+        def no_reduce_scatter(tensor, group, async_op=False):
+            return tensor.chunk(world)[rank].clone(), (Done() if async_op else None)
+
+        tpmod.all_reduce, tpmod.all_gather_dim0 = no_all_reduce, no_all_gather
+        tpmod.reduce_scatter_dim0 = no_reduce_scatter
     for fn_name in ("all_reduce", "all_gather_dim0", "reduce_scatter_dim0"):
         setattr(tpmod, fn_name, timed(getattr(tpmod, fn_name)))
 

@@ -6,7 +6,7 @@ ranked list. The cost model (:mod:`.cost`) counts the bytes and seconds of the c
 are presets or profiles measured with :func:`calibrate`.
 """
 
-from lightning_par.planner.calibrate import calibrate
+from lightning_par.planner.calibrate import calibrate, merge_profiles
 from lightning_par.planner.cost import Layout, predict_memory
 from lightning_par.planner.devices import PRESETS, DeviceSpec, Link, get_device
 from lightning_par.planner.model import ModelSpec
@@ -22,6 +22,7 @@ __all__ = [
     "NoLayoutFits",
     "Plan",
     "calibrate",
+    "merge_profiles",
     "choose_layout",
     "evaluate",
     "explain",

@@ -363,3 +363,42 @@ def test_calibrate_and_the_timing_benchmark_smoke(tmp_path, capsys):
     assert (
         "spearman (2 processes, 2 layouts)" in proc.stdout and "planner's pick for 2 processes" in proc.stdout
     )
+
+
+def test_calibrations_merge_into_their_median_profile():
+    from dataclasses import replace
+
+    from lightning_par.planner import Link, merge_profiles
+
+    base = get_device("a100-80gb")
+
+    def profile(flops: float, adamw: float, ar: tuple[float, float], over: float) -> object:
+        link = Link(bandwidth=ar[0], latency=ar[1], measured=(("all_reduce", *ar), ("p2p", 2 * ar[0], ar[1])))
+        return replace(
+            base,
+            peak_flops=flops,
+            optimizer_bandwidth=adamw,
+            intra_node=link,
+            inter_node=link,
+            oversubscribed=Link(bandwidth=over, latency=1e-3),
+            compute_slots=2,
+            source="calibrated",
+        )
+
+    merged = merge_profiles(
+        [
+            profile(80e9, 4e9, (1.0e9, 6e-3), 5e8),
+            profile(60e9, 10.5e9, (1.5e9, 0.8e-3), 2e8),
+            profile(70e9, 6e9, (1.2e9, 2e-3), 3e8),
+        ]
+    )
+    assert merged.peak_flops == 70e9 and merged.optimizer_bandwidth == 6e9
+    assert merged.intra_node.per_op == {"all_reduce": (1.2e9, 2e-3), "p2p": (2.4e9, 2e-3)}
+    assert merged.oversubscribed == Link(bandwidth=3e8, latency=1e-3, measured=())
+    assert (
+        merged.compute_slots == 2
+        and merged.source == "calibrated"
+        and merged.memory_bytes == base.memory_bytes
+    )
+    with pytest.raises(ValueError, match=r"profiles=\[\] is not valid"):
+        merge_profiles([])
