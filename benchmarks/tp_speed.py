@@ -123,7 +123,8 @@ def _variant(rank: int, world: int, name: str, shape: dict, batch: int, warmup: 
 
         return call
 
-    if name.endswith("_nocomm"):  # the same work without tensor parallel's communication: what tp2 could reach at most
+    # ``_nocomm``: the same work without tensor parallel's communication, what tp2 could reach at most.
+    if name.endswith("_nocomm"):
         name = name.removesuffix("_nocomm")
 
         class Done:

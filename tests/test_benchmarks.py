@@ -27,8 +27,10 @@ def test_tp_speed_smoke():
     out = _smoke("tp_speed.py", "--variants", "tp1,tp2,lightning_mp")
     assert "tp2 time split:" in out
     assert "tp2 / lightning_mp:" in out
-    out = _smoke("tp_speed.py", "--model", "llama", "--variants", "tp1,tp2")
+    out = _smoke("tp_speed.py", "--model", "llama", "--variants", "tp1,tp2,tp2_nocomm")
     assert "tp2 time split:" in out
+    nocomm = next(line for line in out.splitlines() if line.startswith("round 0: tp2_nocomm"))
+    assert "blocked in collectives" in nocomm  # the no-op collectives still pass through the timer
 
 
 def test_pp_speed_smoke():
