@@ -6,9 +6,9 @@ ranked list. The cost model (:mod:`.cost`) counts the bytes and seconds of the c
 are presets or profiles measured with :func:`calibrate`.
 """
 
-from lightning_par.planner.calibrate import calibrate, merge_profiles
+from lightning_par.planner.calibrate import calibrate
 from lightning_par.planner.cost import Layout, predict_memory
-from lightning_par.planner.devices import PRESETS, DeviceSpec, Link, get_device
+from lightning_par.planner.devices import PRESETS, DeviceSpec, Link, get_device, merge_profiles
 from lightning_par.planner.model import ModelSpec
 from lightning_par.planner.search import NoLayoutFits, Plan, choose_layout, evaluate, explain, plan_layouts
 from lightning_par.planner.steptime import predict_time

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -369,44 +369,6 @@ def calibrate(
     if path is not None:
         spec.save(path)
     return spec
-
-
-def merge_profiles(profiles: list[DeviceSpec]) -> DeviceSpec:
-    """One profile from several calibrations of one machine: the median of every measured figure.
-
-    A machine whose speed drifts from minute to minute (this project's 2-core test machine: the AdamW
-    rate 4.0 against 10.5 GB/s, the all-reduce latency 0.8 against 6.0 ms in two calibrations an hour
-    apart) is described best by calibrations spread over the same minutes as the runs it predicts.
-    """
-    if not profiles:
-        raise ValueError("profiles=[] is not valid: merge at least one calibrated profile.")
-    first = profiles[0]
-
-    def median_link(links: list[Link | None]) -> Link | None:
-        if any(link is None for link in links):
-            return None
-        ops = [op for op, _, _ in links[0].measured]  # type: ignore[union-attr]
-        return Link(
-            bandwidth=statistics.median(link.bandwidth for link in links),  # type: ignore[union-attr]
-            latency=statistics.median(link.latency for link in links),  # type: ignore[union-attr]
-            measured=tuple(
-                (
-                    op,
-                    statistics.median(link.per_op[op][0] for link in links),  # type: ignore[union-attr]
-                    statistics.median(link.per_op[op][1] for link in links),  # type: ignore[union-attr]
-                )
-                for op in ops
-            ),
-        )
-
-    merged: dict[str, Any] = {}
-    for field in fields(first):
-        values = [getattr(p, field.name) for p in profiles]
-        if all(isinstance(v, Link) or v is None for v in values) and any(v is not None for v in values):
-            merged[field.name] = median_link(values)
-        elif all(isinstance(v, float) for v in values):
-            merged[field.name] = statistics.median(values)
-    return replace(first, **merged)
 
 
 def _memory_bytes() -> int:
