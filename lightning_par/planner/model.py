@@ -51,6 +51,10 @@ class ModelSpec:
     n_kv_head: int | None = None
     """Key/value heads (grouped-query attention, Llama); ``None``: ``n_head``."""
     pad_intermediate_size_multiple: int = 16
+    recompute_stops_early: bool = True
+    """A recomputed block runs its forward again only up to its last saved tensor, as this code does
+    (torch's non-reentrant checkpoint): not its last linear nor that linear's tp reduction. ``False``: the
+    whole forward runs again, as Megatron-LM's reentrant ``CheckpointFunction`` does (its published runs)."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

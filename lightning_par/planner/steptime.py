@@ -1,14 +1,16 @@
 """The cost model's step time of one layout, from the same quantities the code runs.
 
 Time: matmul FLOPs (attention projections ``4 h^2``, Llama ``2 h^2 + 2 h n_kv d`` with the kv rows a rank
-multiplies; MLP ``2 h F``, SwiGLU ``3 h F`` of the padded width; forward, 2x backward, one more forward when recomputing) at the device's achievable
-matmul rate, attention at its own rate, element-wise work as memory traffic (five passes over the saved
-bytes: written and read in forward, read and gradients in backward), AdamW's step as memory traffic (32 bytes
-per stepped element), the schedule's bubble (``(p - 1) / (v m)`` of the pipeline's busy time with equal
-stages; with unequal ones the other ranks' one pass each, over ``v``), and the
-collectives each layout issues with their sizes: tp all-reduces (sequence parallel: reduce-scatter /
-all-gather) per block half in forward and backward (again in a full recompute), of which the backward
-input-gradient reduction hides behind the weight-gradient matmul; ep all-to-alls there and back in
+multiplies; MLP ``2 h F``, SwiGLU ``3 h F`` of the padded width; forward, 2x backward, and with full
+recomputation the forward again, which in a dense block stops before its last linear: that linear's input is
+the last tensor it saves, ``ModelSpec.recompute_stops_early``) at the device's achievable matmul rate,
+attention at its own rate, element-wise work as memory traffic (five passes over the saved bytes: written
+and read in forward, read and gradients in backward), AdamW's step as memory traffic (32 bytes per stepped
+element), the schedule's bubble (``(p - 1) / (v m)`` of the pipeline's busy time with equal stages; with
+unequal ones the other ranks' one pass each, over ``v``), and the collectives each layout issues with their
+sizes: tp all-reduces (sequence parallel: reduce-scatter / all-gather) per block half in forward and
+backward (again in a full recompute, but for a dense block's last), of which the backward input-gradient
+reduction hides behind the weight-gradient matmul; ep all-to-alls there and back in
 forward and backward; pp activations and gradients per micro-batch and stage; dp gradient all-reduce
 (distributed optimizer: reduce-scatter and, after the step, all-gather) hidden behind the last
 micro-batch's backward except its last bucket.
@@ -97,9 +99,10 @@ def _stage_time(
     tp, ep = rates.tp_link, rates.ep_link
     passes = 4.0 if recompute else 3.0  # forward, backward (2x), forward again
     sp = shard.sequence_parallel
+    held = set(pieces)
 
-    def tp_comm(tokens: float, wgrad_s: float) -> float:
-        """Exposed tp seconds of one block half (forward, backward, recompute)."""
+    def tp_comm(tokens: float, wgrad_s: float, again: bool) -> float:
+        """Exposed tp seconds of one block half (forward, backward, and the forward again if ``again``)."""
         if t == 1:
             return 0.0
         size = ab * tokens * h
@@ -108,26 +111,33 @@ def _stage_time(
             hidden, bwd = tp.time("reduce_scatter", size, t), tp.time("all_gather", size, t)
         else:
             fwd, hidden, bwd = tp.time("all_reduce", size, t), tp.time("all_reduce", size, t), 0.0
-        return fwd * (2 if recompute else 1) + bwd + (max(0.0, hidden - wgrad_s) if rates.overlap else hidden)
+        return fwd * (2 if again else 1) + bwd + (max(0.0, hidden - wgrad_s) if rates.overlap else hidden)
 
     compute = exposed = 0.0
     for layer, half in pieces:
+        # A recomputed region (a block, or the half of one a stage holds) stops after its last saved
+        # tensor, the input of its last (row-parallel) linear: that matmul and its reduction are not run
+        # again. A MoE half's combine keeps the experts' outputs, so all of it runs again.
+        ends = half == "mlp" or (layer, "mlp") not in held
+        skip = recompute and ends and spec.recompute_stops_early and layer not in spec.moe_layers
         if half == "attn":
             act = attn_activations(spec, n, shard, ab)
-            compute += passes * (2 * n * attn_all) / rates.matmul
+            again = (attn_all - h * h / t) if skip else attn_all
+            compute += (3 * attn_all + (again if recompute else 0.0)) * 2 * n / rates.matmul
             compute += passes * (4 * n * seq_len * h / t) / rates.attention
-            exposed += tp_comm(n, (2 * n * attn_col) / rates.matmul)
+            exposed += tp_comm(n, (2 * n * attn_col) / rates.matmul, recompute and not skip)
         elif layer in spec.moe_layers:
             act = mlp_activations(spec, layer, n, shard, ab)
             compute += passes * (2 * n * h * e + 2 * n * k * mlp_all) / rates.matmul
-            exposed += tp_comm(n * k, (2 * n * k * mlp_col) / rates.matmul)
+            exposed += tp_comm(n * k, (2 * n * k * mlp_col) / rates.matmul, recompute)
             if shard.ep > 1:  # tokens there and back, forward and backward, and the counts
                 exposed += 4 * ep.time("all_to_all", ab * n * k * h, shard.ep)
                 exposed += 2 * ep.time("all_to_all", 8 * e, shard.ep)
         else:
             act = mlp_activations(spec, layer, n, shard, ab)
-            compute += passes * (2 * n * mlp_all) / rates.matmul
-            exposed += tp_comm(n, (2 * n * mlp_col) / rates.matmul)
+            again = mlp_col if skip else mlp_all
+            compute += (3 * mlp_all + (again if recompute else 0.0)) * 2 * n / rates.matmul
+            exposed += tp_comm(n, (2 * n * mlp_col) / rates.matmul, recompute and not skip)
         compute += (5 + (2 if recompute else 0)) * act / rates.memory
         ops = OPS["attn" if half == "attn" else "moe" if layer in spec.moe_layers else "mlp"]
         compute += ops * (4 if recompute else 3) / 3 * rates.op

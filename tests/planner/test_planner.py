@@ -65,6 +65,43 @@ def test_llama_counts_agree_with_the_model(cfg):
         assert rows == (2 * 8 * spec.kv_heads // tp if spec.kv_heads % tp == 0 else 2 * 8 * spec.kv_heads)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(DENSE, n_layer=2), dict(MOE, n_layer=2), dict(LLAMA, n_layer=2), MIXTRAL],
+    ids=["gpt", "gpt-moe", "llama", "mixtral"],
+)
+def test_recompute_matmuls_agree_with_the_code(cfg):
+    """The matmul FLOPs of a step with and without full recomputation, as torch's FLOP counter sees the
+    network run them, equal the cost model's (a device whose only cost is 1 s per matmul FLOP): a dense
+    block's recompute stops before its last linear, a MoE block's runs whole."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_par.memory.recompute import apply_activation_checkpointing
+    from lightning_par.planner.devices import DeviceSpec, Link
+
+    free = Link(bandwidth=float("inf"), latency=0.0)
+    flop = DeviceSpec("flops", 1.0, 1e30, float("inf"), free, free, 1.0, float("inf"), 1.0)
+    batch, seq = 2, 16
+    counted, predicted = {}, {}
+    for mode in (None, "full"):
+        torch.manual_seed(0)
+        module = (Llama if "n_kv_head" in cfg else GPT)(**cfg)
+        module.configure_model()
+        apply_activation_checkpointing(module, mode)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = module.model(torch.randint(0, cfg["vocab_size"], (batch, seq)))
+            (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+        counted[mode] = counter.get_total_flops()
+        spec, layout = ModelSpec.from_any(module), Layout(1, 1, 1, micro_batch_size=batch, recompute=mode)
+        predicted[mode] = predict_time(
+            spec, layout, seq, "32-true", flop, 1, predict_memory(spec, layout, seq, "32-true")
+        )["step_s"]
+    assert predicted[None] == pytest.approx(counted[None], rel=1e-9)
+    assert predicted["full"] - predicted[None] == pytest.approx(counted["full"] - counted[None], rel=1e-9)
+    assert counted["full"] > counted[None]
+
+
 def test_llama_from_configs_and_hf(tmp_path):
     spec = ModelSpec.from_file(ROOT / "configs" / "llama_tp_pp.yaml")
     assert (spec.family, spec.n_kv_head, spec.intermediate_size, spec.tie_embeddings) == (

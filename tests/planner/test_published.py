@@ -37,7 +37,11 @@ def megatron_flops(batch: int, layers: int, hidden: int) -> float:
 @pytest.mark.parametrize("row", TABLE_1, ids=[r[0] for r in TABLE_1])
 def test_published_megatron_runs(row):
     name, h, heads, layers, tp, pp, gpus, batch, published = row
-    spec = ModelSpec(n_layer=layers, n_embd=h, n_head=heads, vocab_size=VOCAB, block_size=SEQ)
+    # Megatron-LM's recomputation runs each layer's whole forward again (its reentrant CheckpointFunction;
+    # the FLOP formula's 96 counts it), not just up to the last saved tensor as this code does.
+    spec = ModelSpec(
+        n_layer=layers, n_embd=h, n_head=heads, vocab_size=VOCAB, block_size=SEQ, recompute_stops_early=False
+    )
     params = spec.num_parameters() / 1e9
     assert params == pytest.approx(float(name[:-1]), rel=0.03), (name, params)
     common = dict(device="a100-80gb", global_batch_size=batch, seq_len=SEQ, precision="bf16-mixed")
