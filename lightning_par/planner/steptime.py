@@ -122,7 +122,7 @@ def _stage_time(
         skip = recompute and ends and spec.recompute_stops_early and layer not in spec.moe_layers
         if half == "attn":
             act = attn_activations(spec, n, shard, ab)
-            again = (attn_all - h * h / t) if skip else attn_all
+            again = attn_col if skip else attn_all  # (the out-projection is the rest)
             compute += (3 * attn_all + (again if recompute else 0.0)) * 2 * n / rates.matmul
             compute += passes * (4 * n * seq_len * h / t) / rates.attention
             exposed += tp_comm(n, (2 * n * attn_col) / rates.matmul, recompute and not skip)
