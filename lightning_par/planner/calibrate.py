@@ -162,6 +162,58 @@ def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str,
     return out
 
 
+STRETCHES = (1e-3, 4e-3)
+"""Seconds of compute between the collectives :func:`measure_interleaved` times (a tp half's forward on
+the tests' models lasts about 1 ms per micro-batch of one sequence, 4 ms of four)."""
+
+
+def _interleaved(rank: int, world: int, repeat: int) -> list[tuple[str, float, float]]:
+    """Per call: seconds a small collective in pairs adds to a loop of compute stretches, all pairs at once.
+
+    The stretch is a number of linear forwards sized by their CPU time (``time.thread_time``: with more
+    ranks than cores the wall clock counts the others' turns too), and the loop with the collective is
+    compared with the same loop without it, the two alternating pass by pass.
+    """
+    import torch.distributed as dist
+
+    groups = [dist.new_group([g, g + 1]) for g in range(0, world - 1, 2)]
+    group = groups[rank // 2]
+    x, w = torch.randn(128, 256), torch.randn(256, 256)
+    t0 = time.thread_time()
+    for _ in range(50):
+        x @ w
+    unit = (time.thread_time() - t0) / 50
+    ops = {"all_reduce": _op("all_reduce", SMALL, rank, 2, group), "p2p": _op("p2p", SMALL, rank, 2)}
+    calls = 12
+    samples: dict[tuple[str, float], list[float]] = {}
+    for _ in range(repeat):
+        for stretch in STRETCHES:
+            k = max(1, round(stretch / unit))
+            for name in (None, *ops):
+                fn = ops.get(name) if name else None
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    for _ in range(k):
+                        x @ w
+                    if fn is not None:
+                        fn()
+                samples.setdefault((name or "", stretch), []).append(time.perf_counter() - start)
+    mine = {
+        (op, s): (statistics.median(samples[op, s]) - statistics.median(samples["", s])) / calls
+        for op in ops
+        for s in STRETCHES
+    }
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    return [(op, s, max(statistics.median(r[op, s] for r in every), 1e-7)) for op, s in mine]
+
+
+def measure_interleaved(world: int, repeat: int = 5) -> tuple[tuple[str, float, float], ...]:
+    """:attr:`DeviceSpec.interleaved` on ``world`` local gloo processes (pairs; ``world`` even)."""
+    return tuple(_in_processes(world, _interleaved, repeat))
+
+
 def _child(rank: int, world: int, port: int, fn: Any, args: tuple, init: bool, queue: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -345,10 +397,12 @@ def calibrate(
     link = link_of(world)
     # Layouts with more processes than cores (the tests' 4 processes on 2 cores) share them; their
     # collectives wait for ranks to be scheduled, measured as such: over the whole world, and in pairs
-    # (tp or dp groups of 2 communicating side by side, as in tp2 x dp2 or tp2 x pp2).
+    # (tp or dp groups of 2 communicating side by side, as in tp2 x dp2 or tp2 x pp2), and between
+    # stretches of compute (a rank then waits for its partner's turn on a core).
     over = 2 * slots if 2 * slots <= 8 else 0
     oversubscribed = link_of(over) if over else None
     oversubscribed_pairs = link_of(over, 2) if over > 2 else None
+    interleaved = measure_interleaved(over, repeat) if over > 2 else ()
     spec = DeviceSpec(
         name=name,
         peak_flops=compute["matmul_flops"],
@@ -361,6 +415,7 @@ def calibrate(
         compute_slots=slots,
         oversubscribed=oversubscribed,
         oversubscribed_pairs=oversubscribed_pairs,
+        interleaved=interleaved,
         source="calibrated",
     )
     spec = with_compute(spec, compute)

@@ -56,13 +56,14 @@ class Link:
     def per_op(self) -> dict[str, tuple[float, float]]:
         return {op: (bw, lat) for op, bw, lat in self.measured}
 
-    def time(self, op: str, nbytes: float, n: int) -> float:
-        """Seconds for collective ``op`` over ``n`` ranks of a ``nbytes`` buffer (0 for one rank)."""
+    def time(self, op: str, nbytes: float, n: int, latency: float = 0.0) -> float:
+        """Seconds for collective ``op`` over ``n`` ranks of a ``nbytes`` buffer (0 for one rank); a
+        ``latency`` larger than the link's replaces it (a wait measured under load)."""
         if n <= 1 or nbytes <= 0:
             return 0.0
         bw, lat = next(((b, la) for o, b, la in self.measured if o == op), (self.bandwidth, self.latency))
         factor = {"all_reduce": 2 * (n - 1) / n, "p2p": 1.0}.get(op, (n - 1) / n)
-        return lat + factor * nbytes / bw
+        return max(lat, latency) + factor * nbytes / bw
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,26 @@ class DeviceSpec:
     that waits to be scheduled delays every collective it is in. Used for worlds larger than the slots."""
     oversubscribed_pairs: Link | None = None
     """The same world's collectives in groups of two, every pair at once (tp or dp groups of 2)."""
+    interleaved: tuple[tuple[str, float, float], ...] = ()
+    """``(op, compute seconds between calls, seconds per call)`` of small collectives in pairs that each
+    rank issues between stretches of its own compute, as tp and pp do, with more ranks than slots:
+    a rank whose partner is descheduled waits for it, longer the longer the stretches (on this 2-core
+    machine about 1 ms a call after 1 ms of compute, 2.5 ms after 4 ms, against about 1 ms back to
+    back). Measured for ``all_reduce`` and ``p2p`` at two stretch lengths; see :meth:`wait`."""
     source: str = "preset"
+
+    def wait(self, op: str, compute: float) -> float:
+        """Latency of one ``op`` issued after ``compute`` seconds of compute, from :attr:`interleaved`:
+        linear between the two measured stretches, the nearest one's outside them (0: not measured).
+        Collectives other than ``p2p`` use the all-reduce's figures."""
+        kind = "p2p" if op == "p2p" else "all_reduce"
+        points = sorted((c, w) for o, c, w in self.interleaved if o == kind)
+        if not points:
+            return 0.0
+        (c0, w0), (c1, w1) = points[0], points[-1]
+        if compute <= c0 or c1 <= c0:
+            return w0 if compute <= c0 else w1
+        return w1 if compute >= c1 else w0 + (w1 - w0) * (compute - c0) / (c1 - c0)
 
     @property
     def matmul_flops(self) -> float:
@@ -129,7 +149,8 @@ class DeviceSpec:
                 continue
             measured = tuple((op, float(v[0]), float(v[1])) for op, v in raw.get("per_op", {}).items())
             links[key] = Link(float(raw["bandwidth"]), float(raw["latency"]), measured)
-        return cls(**{**data, **links})
+        interleaved = tuple((str(op), float(c), float(w)) for op, c, w in data.get("interleaved", ()))
+        return cls(**{**data, **links, "interleaved": interleaved})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -204,4 +225,10 @@ def merge_profiles(profiles: list[DeviceSpec]) -> DeviceSpec:
             merged[field.name] = _median_link(values)
         elif all(isinstance(v, float) for v in values):
             merged[field.name] = statistics.median(values)
+    # Interleaved waits: the median of each (op, stretch) over the profiles that measured it.
+    points: dict[tuple[str, float], list[float]] = {}
+    for p in profiles:
+        for op, compute, wait in p.interleaved:
+            points.setdefault((op, compute), []).append(wait)
+    merged["interleaved"] = tuple((op, c, statistics.median(w)) for (op, c), w in points.items())
     return replace(profiles[0], **merged)

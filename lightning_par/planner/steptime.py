@@ -73,6 +73,13 @@ class _Rates:
     ep_link: Link
     overlap: bool = True
     """Collectives run beside compute (``DeviceSpec.comm_overlap``)."""
+    device: DeviceSpec | None = None
+    """With more ranks than slots: the device whose :meth:`DeviceSpec.wait` gives the latency of a
+    collective issued between stretches of compute (tp, ep, pp); ``None`` otherwise."""
+
+    def time(self, link: Link, op: str, nbytes: float, n: int, compute: float) -> float:
+        """Seconds of one collective issued after ``compute`` seconds of this rank's compute."""
+        return link.time(op, nbytes, n, self.device.wait(op, compute) if self.device else 0.0)
 
 
 def _stage_time(
@@ -86,8 +93,9 @@ def _stage_time(
     first: bool,
     last: bool,
     rates: _Rates,
-) -> tuple[float, float]:
-    """(compute seconds, exposed tp and ep seconds) of one micro-batch through one stage."""
+) -> tuple[float, float, int]:
+    """(compute seconds, exposed tp and ep seconds, collectives issued) of one micro-batch through one
+    stage."""
     h, t, f = spec.n_embd, shard.tp, spec.ffn
     # Per token and rank: the column linears (q/k/v; Llama: q, the kv rows it multiplies) and all of the
     # attention projections; an MLP's column linears (GELU fc; SwiGLU gate and up) and all of it.
@@ -101,54 +109,74 @@ def _stage_time(
     sp = shard.sequence_parallel
     held = set(pieces)
 
-    def tp_comm(tokens: float, wgrad_s: float, again: bool) -> float:
-        """Exposed tp seconds of one block half (forward, backward, and the forward again if ``again``)."""
+    calls = 0  # collectives issued between compute per micro-batch (the stretches between them: rates.time)
+
+    def tp_comm(tokens: float, wgrad_s: float, again: bool, spent: float) -> float:
+        """Exposed tp seconds of one block half (forward, backward, and the forward again if ``again``)
+        whose compute took ``spent`` seconds."""
+        nonlocal calls
         if t == 1:
             return 0.0
         size = ab * tokens * h
+        n_calls = (2 if sp else 1) * (3 if again else 2)
+        calls += n_calls
+
+        def one(op: str) -> float:
+            return rates.time(tp, op, size, t, spent / n_calls)
+
         if sp:
-            fwd = tp.time("all_gather", size, t) + tp.time("reduce_scatter", size, t)
-            hidden, bwd = tp.time("reduce_scatter", size, t), tp.time("all_gather", size, t)
+            fwd = one("all_gather") + one("reduce_scatter")
+            hidden, bwd = one("reduce_scatter"), one("all_gather")
         else:
-            fwd, hidden, bwd = tp.time("all_reduce", size, t), tp.time("all_reduce", size, t), 0.0
+            fwd, hidden, bwd = one("all_reduce"), one("all_reduce"), 0.0
         return fwd * (2 if again else 1) + bwd + (max(0.0, hidden - wgrad_s) if rates.overlap else hidden)
 
     compute = exposed = 0.0
     for layer, half in pieces:
+        before = compute
         # A recomputed region (a block, or the half of one a stage holds) stops after its last saved
         # tensor, the input of its last (row-parallel) linear: that matmul and its reduction are not run
         # again. A MoE half's combine keeps the experts' outputs, so all of it runs again.
         ends = half == "mlp" or (layer, "mlp") not in held
         skip = recompute and ends and spec.recompute_stops_early and layer not in spec.moe_layers
+        moe = layer in spec.moe_layers
         if half == "attn":
             act = attn_activations(spec, n, shard, ab)
             again = attn_col if skip else attn_all  # (the out-projection is the rest)
             compute += (3 * attn_all + (again if recompute else 0.0)) * 2 * n / rates.matmul
             compute += passes * (4 * n * seq_len * h / t) / rates.attention
-            exposed += tp_comm(n, (2 * n * attn_col) / rates.matmul, recompute and not skip)
-        elif layer in spec.moe_layers:
+        elif moe:
             act = mlp_activations(spec, layer, n, shard, ab)
             compute += passes * (2 * n * h * e + 2 * n * k * mlp_all) / rates.matmul
-            exposed += tp_comm(n * k, (2 * n * k * mlp_col) / rates.matmul, recompute)
-            if shard.ep > 1:  # tokens there and back, forward and backward, and the counts
-                exposed += 4 * ep.time("all_to_all", ab * n * k * h, shard.ep)
-                exposed += 2 * ep.time("all_to_all", 8 * e, shard.ep)
         else:
             act = mlp_activations(spec, layer, n, shard, ab)
             again = mlp_col if skip else mlp_all
             compute += (3 * mlp_all + (again if recompute else 0.0)) * 2 * n / rates.matmul
-            exposed += tp_comm(n, (2 * n * mlp_col) / rates.matmul, recompute and not skip)
         compute += (5 + (2 if recompute else 0)) * act / rates.memory
-        ops = OPS["attn" if half == "attn" else "moe" if layer in spec.moe_layers else "mlp"]
-        compute += ops * (4 if recompute else 3) / 3 * rates.op
+        compute += OPS["attn" if half == "attn" else "moe" if moe else "mlp"] * passes / 3 * rates.op
+        spent = compute - before
+        if half == "attn":
+            exposed += tp_comm(n, (2 * n * attn_col) / rates.matmul, recompute and not skip, spent)
+        elif moe:
+            exposed += tp_comm(n * k, (2 * n * k * mlp_col) / rates.matmul, recompute, spent)
+            if shard.ep > 1:  # tokens there and back, forward and backward, and the counts
+                calls += 6
+                exposed += 4 * rates.time(ep, "all_to_all", ab * n * k * h, shard.ep, spent / 6)
+                exposed += 2 * rates.time(ep, "all_to_all", 8 * e, shard.ep, spent / 6)
+        else:
+            exposed += tp_comm(n, (2 * n * mlp_col) / rates.matmul, recompute and not skip, spent)
     if last:
+        before = compute
         compute += 3 * (2 * n * spec.padded_vocab(t) * h / t) / rates.matmul
         compute += 5 * head_activations(spec, n, shard, ab) / rates.memory + OPS["head"] * rates.op
         if t > 1:
-            exposed += tp.time("all_reduce", ab * n * h, t) + 2 * tp.time("all_gather", 8 * n, t)
+            spent, calls = (compute - before) / 3, calls + 3
+            exposed += rates.time(tp, "all_reduce", ab * n * h, t, spent)
+            exposed += 2 * rates.time(tp, "all_gather", 8 * n, t, spent)
     if first and t > 1:
-        exposed += tp.time("reduce_scatter" if sp else "all_reduce", ab * n * h, t)
-    return compute, exposed
+        calls += 1
+        exposed += rates.time(tp, "reduce_scatter" if sp else "all_reduce", ab * n * h, t, 0.0)
+    return compute, exposed, calls
 
 
 @lru_cache(maxsize=4096)
@@ -161,7 +189,7 @@ def _stage_times(
     ab: int,
     recompute: bool,
     rates: _Rates,
-) -> tuple[tuple[float, float], ...]:
+) -> tuple[tuple[float, float, int], ...]:
     """:func:`_stage_time` of every global stage (cached across layouts that share them)."""
     stages = _stage_split(spec, num_stages, shard.tp)
     last = len(stages) - 1
@@ -189,6 +217,7 @@ def predict_time(
     dp_link = _link(device, t * layout.dp, devices_per_node, world, layout.dp)
     ep_link = _link(device, t * layout.ep, devices_per_node, world, layout.ep)
     pp_link = _link(device, t * layout.dp * p, devices_per_node, world, 2)
+    slots = device.compute_slots
     rates = _Rates(
         device.matmul_flops,
         device.peak_flops * device.attention_efficiency,
@@ -197,15 +226,17 @@ def predict_time(
         _link(device, t, devices_per_node, world, t),
         ep_link,
         device.comm_overlap,
+        device if slots is not None and world > slots and device.interleaved else None,
     )
     recompute = layout.recompute == "full"
     shard = shard_of(layout)
     table = _stage_times(spec, p * v, shard, n, seq_len, ab, recompute, rates)
-    rank_compute, rank_exposed = [], []
+    rank_compute, rank_exposed, rank_calls = [], [], []
     for mine in rank_stages(layout):
         times = [table[s] for s in mine]
-        rank_compute.append(sum(c for c, _ in times))
-        rank_exposed.append(sum(x for _, x in times))
+        rank_compute.append(sum(c for c, _, _ in times))
+        rank_exposed.append(sum(x for _, x, _ in times))
+        rank_calls.append(sum(k for _, _, k in times) + 2 * len(mine))  # (and its two pp transfers)
     busy = m * max(rank_compute)
     # The busiest rank works m micro-batches; the bubble is the other ranks' one pass each before and after
     # it (a flow shop's makespan), split v ways when interleaved: (p - 1) / (v m) of the busy time when
@@ -214,7 +245,12 @@ def predict_time(
     exposed = m * max(rank_exposed)
     if p > 1:  # activations forward and gradients back, per micro-batch and stage, on the critical path
         act_bytes = ab * n * spec.n_embd / (t if shard.sequence_parallel else 1)
-        exposed += 2 * (v * m + p - 1) * pp_link.time("p2p", act_bytes, 2)
+        r = max(
+            range(len(rank_compute)), key=rank_compute.__getitem__
+        )  # (the stretch between the busiest rank's calls)
+        exposed += (
+            2 * (v * m + p - 1) * rates.time(pp_link, "p2p", act_bytes, 2, rank_compute[r] / rank_calls[r])
+        )
     # Data-parallel gradients (hidden behind the last micro-batch's backward but for the last bucket)
     # and the optimizer step, on the busiest rank.
     dp_exposed = optimizer = 0.0
@@ -246,7 +282,6 @@ def predict_time(
     step = busy + max(per_rank_fixed) + bubble + comm_exposed
     # More ranks than cores: the cores are shared. A rank idle in the bubble or a wait leaves its core to
     # another, so the step is the longer of the critical path and all ranks' work spread over the cores.
-    slots = device.compute_slots
     if slots is not None and layout.world_size > slots:
         ranks_per_stage = layout.world_size // p
         work = ranks_per_stage * sum(m * c + f for c, f in zip(rank_compute, per_rank_fixed, strict=True))
