@@ -18,9 +18,12 @@ micro-batch's backward except its last bucket.
 On a CPU profile (``--calibrate``) three more rules hold, each measured on this machine: nothing hides
 behind compute (gloo's transfers and sums take the same cores, ``comm_overlap=False``); with more ranks
 than cores the step is the longer of the critical path and all ranks' work spread over the cores (a rank
-idle in the bubble or a wait gives its core away), with collectives measured at that oversubscription;
-and the framework's own time per step and per pipeline micro-batch pass, measured on a tiny model, is
-added (``step_overhead``, ``action_overhead``: 0 on GPU presets).
+idle in the bubble or a wait gives its core away), with collectives measured at that oversubscription,
+and each tp, ep or pp collective issued between stretches of compute waits for its partner's turn on a
+core (``DeviceSpec.wait``: measured after 1 and 4 ms of compute, the stretch here being the compute of
+the block half, or of the stage, per collective it issues); and the framework's own time per step and
+per pipeline micro-batch pass, measured on a tiny model, is added (``step_overhead``,
+``action_overhead``: 0 on GPU presets).
 """
 
 from __future__ import annotations
