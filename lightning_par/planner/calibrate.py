@@ -210,7 +210,8 @@ def _interleaved(rank: int, world: int, repeat: int) -> list[tuple[str, float, f
 
 
 def measure_interleaved(world: int, repeat: int = 5) -> tuple[tuple[str, float, float], ...]:
-    """:attr:`DeviceSpec.interleaved` on ``world`` local gloo processes (pairs; ``world`` even)."""
+    """:attr:`DeviceSpec.interleaved` (or, with more processes than cores, its ``oversubscribed_``
+    twin) on ``world`` local gloo processes in pairs (``world`` even)."""
     return tuple(_in_processes(world, _interleaved, repeat))
 
 
@@ -402,7 +403,8 @@ def calibrate(
     over = 2 * slots if 2 * slots <= 8 else 0
     oversubscribed = link_of(over) if over else None
     oversubscribed_pairs = link_of(over, 2) if over > 2 else None
-    interleaved = measure_interleaved(over, repeat) if over > 2 else ()
+    interleaved = measure_interleaved(world, repeat) if world % 2 == 0 else ()
+    oversubscribed_interleaved = measure_interleaved(over, repeat) if over > 2 else ()
     spec = DeviceSpec(
         name=name,
         peak_flops=compute["matmul_flops"],
@@ -416,6 +418,7 @@ def calibrate(
         oversubscribed=oversubscribed,
         oversubscribed_pairs=oversubscribed_pairs,
         interleaved=interleaved,
+        oversubscribed_interleaved=oversubscribed_interleaved,
         source="calibrated",
     )
     spec = with_compute(spec, compute)

@@ -104,18 +104,23 @@ class DeviceSpec:
     """The same world's collectives in groups of two, every pair at once (tp or dp groups of 2)."""
     interleaved: tuple[tuple[str, float, float], ...] = ()
     """``(op, compute seconds between calls, seconds per call)`` of small collectives in pairs that each
-    rank issues between stretches of its own compute, as tp and pp do, with more ranks than slots:
-    a rank whose partner is descheduled waits for it, longer the longer the stretches (on this 2-core
-    machine about 1 ms a call after 1 ms of compute, 2.5 ms after 4 ms, against about 1 ms back to
-    back). Measured for ``all_reduce`` and ``p2p`` at two stretch lengths; see :meth:`wait`."""
+    rank issues between stretches of its own compute, as tp and pp do, one rank per slot: the partner
+    that arrives later and the wake-up of a rank asleep in its receive cost more than calls back to
+    back (on this 2-core machine about 1-2 ms against 0.5 ms). Measured for ``all_reduce`` and ``p2p``
+    after two stretch lengths; see :meth:`wait`."""
+    oversubscribed_interleaved: tuple[tuple[str, float, float], ...] = ()
+    """The same with twice as many ranks as slots, all pairs at once: a rank whose partner is
+    descheduled waits for its turn on a core, longer the longer the stretches (here about 1 ms a call
+    after 1 ms of compute, 2.5 ms after 4 ms)."""
     source: str = "preset"
 
-    def wait(self, op: str, compute: float) -> float:
-        """Latency of one ``op`` issued after ``compute`` seconds of compute, from :attr:`interleaved`:
-        linear between the two measured stretches, the nearest one's outside them (0: not measured).
-        Collectives other than ``p2p`` use the all-reduce's figures."""
+    def wait(self, op: str, compute: float, oversubscribed: bool = False) -> float:
+        """Latency of one ``op`` issued after ``compute`` seconds of compute (:attr:`interleaved`, or
+        :attr:`oversubscribed_interleaved`): linear between the two measured stretches, the nearest
+        one's outside them (0: not measured). Collectives other than ``p2p`` use the all-reduce's."""
         kind = "p2p" if op == "p2p" else "all_reduce"
-        points = sorted((c, w) for o, c, w in self.interleaved if o == kind)
+        table = self.oversubscribed_interleaved if oversubscribed else self.interleaved
+        points = sorted((c, w) for o, c, w in table if o == kind)
         if not points:
             return 0.0
         (c0, w0), (c1, w1) = points[0], points[-1]
@@ -149,8 +154,11 @@ class DeviceSpec:
                 continue
             measured = tuple((op, float(v[0]), float(v[1])) for op, v in raw.get("per_op", {}).items())
             links[key] = Link(float(raw["bandwidth"]), float(raw["latency"]), measured)
-        interleaved = tuple((str(op), float(c), float(w)) for op, c, w in data.get("interleaved", ()))
-        return cls(**{**data, **links, "interleaved": interleaved})
+        tables = {
+            key: tuple((str(op), float(c), float(w)) for op, c, w in data.get(key, ()))
+            for key in ("interleaved", "oversubscribed_interleaved")
+        }
+        return cls(**{**data, **links, **tables})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -226,9 +234,10 @@ def merge_profiles(profiles: list[DeviceSpec]) -> DeviceSpec:
         elif all(isinstance(v, float) for v in values):
             merged[field.name] = statistics.median(values)
     # Interleaved waits: the median of each (op, stretch) over the profiles that measured it.
-    points: dict[tuple[str, float], list[float]] = {}
-    for p in profiles:
-        for op, compute, wait in p.interleaved:
-            points.setdefault((op, compute), []).append(wait)
-    merged["interleaved"] = tuple((op, c, statistics.median(w)) for (op, c), w in points.items())
+    for key in ("interleaved", "oversubscribed_interleaved"):
+        points: dict[tuple[str, float], list[float]] = {}
+        for p in profiles:
+            for op, compute, wait in getattr(p, key):
+                points.setdefault((op, compute), []).append(wait)
+        merged[key] = tuple((op, c, statistics.median(w)) for (op, c), w in points.items())
     return replace(profiles[0], **merged)

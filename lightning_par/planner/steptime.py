@@ -20,8 +20,10 @@ behind compute (gloo's transfers and sums take the same cores, ``comm_overlap=Fa
 than cores the step is the longer of the critical path and all ranks' work spread over the cores (a rank
 idle in the bubble or a wait gives its core away), with collectives measured at that oversubscription,
 and each tp, ep or pp collective issued between stretches of compute waits for its partner's turn on a
-core (``DeviceSpec.wait``: measured after 1 and 4 ms of compute, the stretch here being the compute of
-the block half, or of the stage, per collective it issues); and the framework's own time per step and
+core; and with one rank per core too, each such collective costs more than one back to back (the
+partner arriving later, a rank waking in its receive). Both waits are measured after 1 and 4 ms of
+compute (``DeviceSpec.wait``), the stretch here being the compute of the block half, or of the stage,
+per collective it issues; and the framework's own time per step and
 per pipeline micro-batch pass, measured on a tiny model, is added (``step_overhead``,
 ``action_overhead``: 0 on GPU presets).
 """
@@ -77,12 +79,15 @@ class _Rates:
     overlap: bool = True
     """Collectives run beside compute (``DeviceSpec.comm_overlap``)."""
     device: DeviceSpec | None = None
-    """With more ranks than slots: the device whose :meth:`DeviceSpec.wait` gives the latency of a
-    collective issued between stretches of compute (tp, ep, pp); ``None`` otherwise."""
+    """The device whose :meth:`DeviceSpec.wait` gives the latency of a collective issued between
+    stretches of compute (tp, ep, pp)."""
+    oversubscribed: bool = False
+    """More ranks than slots (the device's ``oversubscribed_interleaved`` waits)."""
 
     def time(self, link: Link, op: str, nbytes: float, n: int, compute: float) -> float:
         """Seconds of one collective issued after ``compute`` seconds of this rank's compute."""
-        return link.time(op, nbytes, n, self.device.wait(op, compute) if self.device else 0.0)
+        wait = self.device.wait(op, compute, self.oversubscribed) if self.device else 0.0
+        return link.time(op, nbytes, n, wait)
 
 
 def _stage_time(
@@ -229,7 +234,8 @@ def predict_time(
         _link(device, t, devices_per_node, world, t),
         ep_link,
         device.comm_overlap,
-        device if slots is not None and world > slots and device.interleaved else None,
+        device,
+        slots is not None and world > slots,
     )
     recompute = layout.recompute == "full"
     shard = shard_of(layout)

@@ -266,12 +266,12 @@ def test_cpu_rules_no_overlap_shared_cores_and_framework_time():
     assert slow["step_s"] == pytest.approx(alone["step_s"] + 0.01 + 2 * 8 * 0.001)
 
 
-def test_oversubscribed_collectives_between_compute_pay_the_measured_wait():
-    """With more ranks than cores, each tp collective and pp transfer of tp2 x pp2 costs the wait
-    measured after a stretch of compute (``DeviceSpec.interleaved``) instead of the back-to-back
-    latency: per step, m times the last stage's 11 (its two blocks' forward and backward reductions and
-    the head's three) plus the 2 (m + p - 1) pp transfers. dp's reduction after the step is not
-    interleaved and keeps its latency; with one rank per core nothing changes."""
+def test_collectives_between_compute_pay_the_measured_wait():
+    """Each tp collective and pp transfer of tp2 x pp2 costs the wait measured after a stretch of
+    compute instead of the back-to-back latency: per step, m times the last stage's 11 (its two blocks'
+    forward and backward reductions and the head's three) plus the 2 (m + p - 1) pp transfers. With
+    more ranks than cores the oversubscribed waits apply, with one rank per core the others. dp's
+    reduction after the step is not between compute and keeps its latency."""
     from dataclasses import replace
 
     from lightning_par.planner.devices import DeviceSpec, Link
@@ -279,30 +279,31 @@ def test_oversubscribed_collectives_between_compute_pay_the_measured_wait():
     link = Link(bandwidth=1e9, latency=1e-3)
     cpu = DeviceSpec("cpu", 80e9, 16e9, 10e9, link, link, 1.0, 0.9, 1.0, compute_slots=2, comm_overlap=False)
     spec = ModelSpec(n_layer=4, n_embd=256, n_head=8, vocab_size=4096, block_size=128)
-    waits = replace(
-        cpu, interleaved=(("all_reduce", 1e-3, 4e-3), ("all_reduce", 4e-3, 4e-3), ("p2p", 1e-3, 4e-3))
-    )
+
+    def flat(wait):
+        return (("all_reduce", 1e-3, wait), ("all_reduce", 4e-3, wait), ("p2p", 1e-3, wait))
+
+    waits = replace(cpu, interleaved=flat(2e-3), oversubscribed_interleaved=flat(4e-3))
 
     def predict(layout, dev, world):
         mem = predict_memory(spec, layout, 128, "32-true")
         return predict_time(spec, layout, 128, "32-true", dev, world, mem)
 
     tp2pp2 = Layout(2, 2, 1, micro_batch_size=1, num_microbatches=8)
-    before, after = predict(tp2pp2, cpu, 4), predict(tp2pp2, waits, 4)
     calls = 8 * 11 + 2 * (8 + 2 - 1)
-    assert after["comm_exposed_s"] - before["comm_exposed_s"] == pytest.approx(calls * 3e-3)
+    for slots, extra in ((2, 3e-3), (4, 1e-3)):
+        before = predict(tp2pp2, replace(cpu, compute_slots=slots), 4)
+        after = predict(tp2pp2, replace(waits, compute_slots=slots), 4)
+        assert after["comm_exposed_s"] - before["comm_exposed_s"] == pytest.approx(calls * extra)
     dp4 = Layout(1, 1, 4, micro_batch_size=2)
     assert predict(dp4, waits, 4) == predict(dp4, cpu, 4)
-    assert predict(tp2pp2, replace(waits, compute_slots=4), 4) == predict(
-        tp2pp2, replace(cpu, compute_slots=4), 4
-    )
     # Between the two measured stretches the wait is interpolated; outside them it is the nearest's.
     curve = replace(
         cpu, interleaved=(("all_reduce", 1e-3, 1e-3), ("all_reduce", 4e-3, 2.5e-3), ("p2p", 1e-3, 2e-3))
     )
     assert curve.wait("all_reduce", 2.5e-3) == pytest.approx(1.75e-3)
     assert curve.wait("reduce_scatter", 9e-3) == 2.5e-3 and curve.wait("all_gather", 1e-4) == 1e-3
-    assert curve.wait("p2p", 5e-3) == 2e-3 and cpu.wait("p2p", 1e-3) == 0.0
+    assert curve.wait("p2p", 5e-3) == 2e-3 and curve.wait("p2p", 1e-3, oversubscribed=True) == 0.0
 
 
 def test_choose_layout_gives_strategy_arguments():
@@ -426,10 +427,10 @@ def test_calibrate_and_the_timing_benchmark_smoke(tmp_path, capsys):
     assert dev.compute_slots and dev.peak_flops > 0 and set(dev.intra_node.per_op) >= {"all_reduce", "p2p"}
     assert not dev.comm_overlap and dev.optimizer_bandwidth > 0 and dev.step_overhead >= 0
     assert dev.action_overhead >= 0 and (dev.oversubscribed is not None) == (dev.compute_slots <= 4)
-    if dev.oversubscribed is not None:  # (the waits of pairs between compute, both ops, both stretches)
-        assert {(op, c) for op, c, _ in dev.interleaved} == {
-            (op, c) for op in ("all_reduce", "p2p") for c in (1e-3, 4e-3)
-        } and all(0 < w < 1 for _, _, w in dev.interleaved)
+    # The waits of pairs between compute: both ops after both stretches, and oversubscribed if measured.
+    pairs = {(op, c) for op in ("all_reduce", "p2p") for c in (1e-3, 4e-3)}
+    for table in (dev.interleaved, dev.oversubscribed_interleaved if dev.oversubscribed else ()):
+        assert {(op, c) for op, c, _ in table} == pairs and all(0 < w < 1 for _, _, w in table)
     bw, latency = dev.intra_node.per_op["all_reduce"]
     assert bw > 0 and 0 < latency < 1
     proc = subprocess.run(
@@ -461,7 +462,7 @@ def test_calibrations_merge_into_their_median_profile():
             intra_node=link,
             inter_node=link,
             oversubscribed=Link(bandwidth=over, latency=1e-3),
-            interleaved=(("all_reduce", 1e-3, over / 1e11), ("p2p", 1e-3, 2e-3)),
+            oversubscribed_interleaved=(("all_reduce", 1e-3, over / 1e11), ("p2p", 1e-3, 2e-3)),
             compute_slots=2,
             source="calibrated",
         )
@@ -476,7 +477,8 @@ def test_calibrations_merge_into_their_median_profile():
     assert merged.peak_flops == 70e9 and merged.optimizer_bandwidth == 6e9
     assert merged.intra_node.per_op == {"all_reduce": (1.2e9, 2e-3), "p2p": (2.4e9, 2e-3)}
     assert merged.oversubscribed == Link(bandwidth=3e8, latency=1e-3, measured=())
-    assert merged.interleaved == (("all_reduce", 1e-3, 3e-3), ("p2p", 1e-3, 2e-3))
+    assert merged.oversubscribed_interleaved == (("all_reduce", 1e-3, 3e-3), ("p2p", 1e-3, 2e-3))
+    assert merged.interleaved == ()
     assert (
         merged.compute_slots == 2
         and merged.source == "calibrated"
