@@ -18,19 +18,8 @@ from typing import Any
 
 import torch
 
-from lightning_par.planner.devices import COLLECTIVES, DeviceSpec, Link
-
-SMALL, LARGE = 4 * 1024, 8 * 2**20  # bytes per collective buffer
-
-
-def _timed(fn: Any, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from lightning_par.planner.collectives import in_processes, measure_collectives, measure_interleaved, timed
+from lightning_par.planner.devices import DeviceSpec, Link
 
 
 def measure_compute(repeat: int = 5) -> dict[str, float]:
@@ -47,7 +36,7 @@ def measure_compute(repeat: int = 5) -> dict[str, float]:
             x = torch.randn(512, k, requires_grad=True)
             w = torch.randn(n, k, requires_grad=True)
             flops += 3 * 2 * 512 * k * n
-            seconds += _timed(lambda x=x, w=w: torch.nn.functional.linear(x, w).sum().backward(), repeat)
+            seconds += timed(lambda x=x, w=w: torch.nn.functional.linear(x, w).sum().backward(), repeat)
     matmul = flops / seconds
     # Attention forward and backward: 3x the forward's 4 n s h FLOPs, as the cost model counts them.
     q = torch.randn(4, 8, 256, 64, requires_grad=True)
@@ -55,7 +44,7 @@ def measure_compute(repeat: int = 5) -> dict[str, float]:
     def attention_step() -> None:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
 
-    attention = 3 * 4 * (4 * 256) * 256 * 512 / _timed(attention_step, repeat)
+    attention = 3 * 4 * (4 * 256) * 256 * 512 / timed(attention_step, repeat)
     # Elementwise: layer norm and GELU forward and backward; the cost model charges five passes over
     # the bytes they keep for backward (their two inputs), so the rate is in those units.
     x = torch.randn(1024, 1024, requires_grad=True)
@@ -63,12 +52,12 @@ def measure_compute(repeat: int = 5) -> dict[str, float]:
     def elementwise() -> None:
         torch.nn.functional.gelu(torch.nn.functional.layer_norm(x, (1024,))).sum().backward()
 
-    memory = 5 * 2 * x.numel() * 4 / _timed(elementwise, repeat)
+    memory = 5 * 2 * x.numel() * 4 / timed(elementwise, repeat)
     # AdamW's step (torch's default implementation), at the cost model's 32 bytes per element.
     p = torch.nn.Parameter(torch.randn(2**22))
     p.grad = torch.randn_like(p)
     adamw = torch.optim.AdamW([p], lr=1e-3)
-    optimizer = 32 * p.numel() / _timed(adamw.step, 3 * repeat)
+    optimizer = 32 * p.numel() / timed(adamw.step, 3 * repeat)
     # Host time per op: a tiny linear, GELU and sum, forward and backward (about 10 ops).
     w = torch.randn(4, 4, requires_grad=True)
     v = torch.randn(2, 4)
@@ -76,7 +65,7 @@ def measure_compute(repeat: int = 5) -> dict[str, float]:
     def tiny() -> None:
         torch.nn.functional.gelu(v @ w).sum().backward()
 
-    op = _timed(tiny, 20 * repeat) / 10
+    op = timed(tiny, 20 * repeat) / 10
     return {
         "matmul_flops": matmul,
         "attention_flops": attention,
@@ -84,182 +73,6 @@ def measure_compute(repeat: int = 5) -> dict[str, float]:
         "optimizer_bandwidth": optimizer,
         "op_overhead": op,
     }
-
-
-def _op(name: str, nbytes: int, rank: int, size: int, group: Any = None) -> Any:
-    """A call running collective ``name`` once on a ``nbytes`` buffer over ``group`` (``size`` ranks)."""
-    import torch.distributed as dist
-
-    n = nbytes // 4
-    x = torch.ones(n)
-    part = torch.empty(max(n // size, 1))
-    whole = x[: part.numel() * size]
-    out = torch.empty(n)
-    if name == "all_reduce":
-        return lambda: dist.all_reduce(x, group=group)
-    if name == "reduce_scatter":
-        return lambda: dist.reduce_scatter_tensor(part, whole, group=group)
-    if name == "all_gather":
-        return lambda: dist.all_gather_into_tensor(whole, part, group=group)
-    if name == "all_to_all":
-        return lambda: dist.all_to_all_single(out[: whole.numel()], whole, group=group)
-    peer = rank ^ 1
-
-    def p2p() -> None:
-        if peer >= dist.get_world_size():
-            return
-        if rank % 2 == 0:
-            dist.send(x, peer)
-        else:
-            dist.recv(x, peer)
-
-    return p2p
-
-
-_CALLS = 16
-"""Collectives per timed block: the block's mean is what a step pays (with more processes than cores a
-call's wait for a descheduled rank is long-tailed: few calls per block made latencies vary 8x)."""
-
-
-def _collectives(rank: int, world: int, repeat: int, size: int = 0) -> dict[str, tuple[float, float]]:
-    """Every collective over groups of ``size`` ranks (0: the world), all groups at once."""
-    import torch.distributed as dist
-
-    size = size or world
-    group = None
-    if size < world:  # (every rank creates every group, in the same order)
-        groups = [dist.new_group(list(range(g, g + size))) for g in range(0, world, size)]
-        group = groups[rank // size]
-    barrier = _timed(dist.barrier, repeat)
-    blocks = {}
-    for name in COLLECTIVES:
-        for nbytes in (SMALL, LARGE):
-            fn = _op(name, nbytes, rank, size, group)
-
-            def synced(fn: Any = fn) -> None:
-                dist.barrier()  # (every rank starts together; 16 calls make the barrier's share small)
-                for _ in range(_CALLS):
-                    fn()
-
-            synced()  # (warm-up: gloo sets up each size's algorithm on first use)
-            blocks[name, nbytes] = (synced, [])
-    # Every op and size once per pass, the passes one after another: a slow spell of the machine (a
-    # few seconds) then spoils one sample of each rather than every sample of one op.
-    for _ in range(repeat):
-        for synced, samples in blocks.values():
-            t0 = time.perf_counter()
-            synced()
-            samples.append(time.perf_counter() - t0)
-    out = {}
-    for name in COLLECTIVES:
-        times = {
-            nbytes: max((statistics.median(blocks[name, nbytes][1]) - barrier) / _CALLS, 1e-7)
-            for nbytes in (SMALL, LARGE)
-        }
-        factor = {"all_reduce": 2 * (size - 1) / size, "p2p": 1.0}.get(name, (size - 1) / size)
-        bandwidth = factor * (LARGE - SMALL) / max(times[LARGE] - times[SMALL], 1e-9)
-        out[name] = (bandwidth, times[SMALL])
-    return out
-
-
-STRETCHES = (1e-3, 4e-3)
-"""Seconds of compute between the collectives :func:`measure_interleaved` times (a tp half's forward on
-the tests' models lasts about 1 ms per micro-batch of one sequence, 4 ms of four)."""
-
-
-def _interleaved(rank: int, world: int, repeat: int) -> list[tuple[str, float, float]]:
-    """Per call: seconds a small collective in pairs adds to a loop of compute stretches, all pairs at once.
-
-    The stretch is a number of linear forwards sized by their CPU time (``time.thread_time``: with more
-    ranks than cores the wall clock counts the others' turns too), and the loop with the collective is
-    compared with the same loop without it, the two alternating pass by pass.
-    """
-    import torch.distributed as dist
-
-    groups = [dist.new_group([g, g + 1]) for g in range(0, world - 1, 2)]
-    group = groups[rank // 2]
-    x, w = torch.randn(128, 256), torch.randn(256, 256)
-    t0 = time.thread_time()
-    for _ in range(50):
-        x @ w
-    unit = (time.thread_time() - t0) / 50
-    ops = {"all_reduce": _op("all_reduce", SMALL, rank, 2, group), "p2p": _op("p2p", SMALL, rank, 2)}
-    calls = 12
-    samples: dict[tuple[str, float], list[float]] = {}
-    for _ in range(repeat):
-        for stretch in STRETCHES:
-            k = max(1, round(stretch / unit))
-            for name in (None, *ops):
-                fn = ops.get(name) if name else None
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(calls):
-                    for _ in range(k):
-                        x @ w
-                    if fn is not None:
-                        fn()
-                samples.setdefault((name or "", stretch), []).append(time.perf_counter() - start)
-    mine = {
-        (op, s): (statistics.median(samples[op, s]) - statistics.median(samples["", s])) / calls
-        for op in ops
-        for s in STRETCHES
-    }
-    every: list[Any] = [None] * world
-    dist.all_gather_object(every, mine)
-    return [(op, s, max(statistics.median(r[op, s] for r in every), 1e-7)) for op, s in mine]
-
-
-def measure_interleaved(world: int, repeat: int = 5) -> tuple[tuple[str, float, float], ...]:
-    """:attr:`DeviceSpec.interleaved` (or, with more processes than cores, its ``oversubscribed_``
-    twin) on ``world`` local gloo processes in pairs (``world`` even)."""
-    return tuple(_in_processes(world, _interleaved, repeat))
-
-
-def _child(rank: int, world: int, port: int, fn: Any, args: tuple, init: bool, queue: Any) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        OMP_NUM_THREADS="1",
-    )
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if init:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        if rank == 0:
-            queue.put(result)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _in_processes(world: int, fn: Any, *args: Any, init: bool = True) -> Any:
-    """``fn(rank, world, *args)`` in ``world`` local gloo processes; rank 0's result."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # A forkserver that has imported torch once: each child is a fork of it (a spawned child would import
-    # torch again, about 10 s on 2 busy cores), and no child inherits this process's threads.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed"])
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, init, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join(timeout=60)
-    return result
 
 
 def _loaded_compute(rank: int, world: int, repeat: int) -> dict[str, float]:
@@ -279,13 +92,7 @@ def measure_loaded_compute(processes: int, repeat: int = 5) -> dict[str, float]:
     2-core machine two concurrent matmul loops each ran 0.83-1.0x one alone in most rounds)."""
     if processes <= 1:
         return measure_compute(repeat)
-    return _in_processes(processes, _loaded_compute, repeat)
-
-
-def measure_collectives(world: int = 2, repeat: int = 5, size: int = 0) -> dict[str, tuple[float, float]]:
-    """``op -> (bus bandwidth bytes/s, latency s)`` of gloo on ``world`` local processes, over groups of
-    ``size`` of them at once (0: the whole world)."""
-    return _in_processes(world, _collectives, repeat, size)
+    return in_processes(processes, _loaded_compute, repeat)
 
 
 # The framework's own time: a model so small that its compute is a few milliseconds.
@@ -354,7 +161,7 @@ def measure_framework(device: DeviceSpec, world: int = 2, steps: int = 8) -> tup
     from lightning_par.planner.model import ModelSpec
     from lightning_par.planner.search import evaluate
 
-    measured = _in_processes(world, _framework_steps, steps, init=False)
+    measured = in_processes(world, _framework_steps, steps, init=False)
     tiny, seq = ModelSpec.from_any(_TINY), _TINY["block_size"]
     bare = replace(device, step_overhead=0.0, action_overhead=0.0)
     data = Layout(tp=1, pp=1, dp=world, micro_batch_size=_TINY_BATCH // world)
